@@ -1,0 +1,41 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import tinyrobust as tr
+
+
+@pytest.mark.parametrize("quantization", ["float", "int8", "int4", "stb", "stq"])
+def test_small_cnn_trains_saves_and_reloads(quantization, tmp_path):
+    model = tr.models.small_cnn(quantization=quantization, width=4)
+    assert model.output.shape == (None, 10)
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(0).uniform(size=(8, 28, 28, 1)).astype("float32")
+    assert np.isfinite(model.train_on_batch(x, np.arange(8) % 10))
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    np.testing.assert_array_equal(keras.saving.load_model(path).predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_small_cnn_layer_names_and_edge_layers():
+    model = tr.models.small_cnn(quantization="stq", width=4)
+    names = [layer.name for layer in model.layers]
+    assert {"conv_1", "conv_2", "conv_3", "logits"} <= set(names)
+    assert isinstance(model.get_layer("conv_1").kernel_quantizer, tr.quantizers.QuantizedBits)
+    assert isinstance(model.get_layer("conv_2").kernel_quantizer, tr.quantizers.StochasticTernary)
+    assert isinstance(model.get_layer("logits").kernel_quantizer, tr.quantizers.QuantizedBits)
+
+
+def test_stq_footprint_below_int8():
+    stq = tr.summary(tr.models.small_cnn(quantization="stq"), print_fn=None)
+    int8 = tr.summary(tr.models.small_cnn(quantization="int8"), print_fn=None)
+    assert stq.packed_bytes < int8.packed_bytes
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="Received: quantization='int3'"):
+        tr.models.small_cnn(quantization="int3")
+    with pytest.raises(ValueError, match="Received: width=0"):
+        tr.models.small_cnn(width=0)
