@@ -4,9 +4,24 @@ Importing the package imports TensorFlow/Keras and defines classes; it does no
 other work.
 """
 
-from tinyrobust import data, layers, models, quantizers
+from tinyrobust import attacks, callbacks, data, jacobian, layers, models, quantizers, training
 from tinyrobust.footprint import summary
+from tinyrobust.jacobian import JacobianRegularizer
+from tinyrobust.training import AdversarialTraining, RobustModel
 
 __version__ = "0.1.0"
 
-__all__ = ["data", "layers", "models", "quantizers", "summary"]
+__all__ = [
+    "AdversarialTraining",
+    "JacobianRegularizer",
+    "RobustModel",
+    "attacks",
+    "callbacks",
+    "data",
+    "jacobian",
+    "layers",
+    "models",
+    "quantizers",
+    "summary",
+    "training",
+]

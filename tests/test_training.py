@@ -1,0 +1,152 @@
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import tinyrobust as tr
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _data(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(size=(n, 28, 28, 1)).astype("float32"), (np.arange(n) % 10).astype("int32")
+
+
+def _robust_stq(**kwargs):
+    return tr.RobustModel.wrap(tr.models.small_cnn(quantization="stq", width=4), **kwargs)
+
+
+@pytest.mark.parametrize("method", [None, "pgd", "trades", "fgsm_rs"])
+def test_fit_stq_with_jr_and_adversarial_training(method):
+    adversary = None if method is None else tr.AdversarialTraining(method, epsilon=0.05, steps=2)
+    model = _robust_stq(jacobian=tr.JacobianRegularizer(layers={"input": 0.01, "relu_2": 0.01}), adversary=adversary)
+    model.compile(optimizer="adam", loss=LOSS, metrics=["accuracy"])
+    x, y = _data()
+    logs = model.fit(x, y, batch_size=16, epochs=1, verbose=0).history
+    expected = {"loss", "ce", "jacobian", "jacobian/input", "jacobian/relu_2", "accuracy"}
+    if method is not None:
+        expected.add("adv_accuracy")
+    assert expected <= set(logs)
+    assert all(np.isfinite(v[-1]) for v in logs.values())
+    assert logs["loss"][-1] >= logs["ce"][-1]
+    assert model.evaluate(x, y, verbose=0, return_dict=True).keys() >= {"loss", "accuracy"}
+
+
+def test_trades_loss_adds_robust_term():
+    keras.utils.set_random_seed(1)
+    model = _robust_stq(adversary=tr.AdversarialTraining("trades", epsilon=0.1, steps=2, beta=6.0))
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=LOSS)
+    x, y = _data(32)
+    logs = model.fit(x, y, batch_size=32, epochs=1, verbose=0).history
+    assert logs["loss"][0] > logs["ce"][0]
+
+
+def test_pgd_examples_respect_epsilon():
+    model = _robust_stq(adversary=tr.AdversarialTraining("pgd", epsilon=0.03, steps=3))
+    x, y = _data(8)
+    x_adv = model._adversarial_examples(keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)).numpy()
+    assert np.abs(x_adv - x).max() <= 0.03 + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_large_weight_shrinks_its_layer_term():
+    """A large weight on one layer's term drives that term down during training."""
+    keras.utils.set_random_seed(0)
+    model = tr.RobustModel.wrap(tr.models.small_cnn(width=4),
+                                jacobian=tr.JacobianRegularizer(layers={"relu_2": 10.0}, num_projections=None))
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=LOSS)
+    x, y = _data(64)
+    logs = model.fit(x, y, batch_size=16, epochs=6, verbose=0, shuffle=False).history["jacobian/relu_2"]
+    assert logs[-1] < 0.5 * logs[0], logs
+
+
+def test_jit_compile_and_keras_save_load(tmp_path):
+    model = _robust_stq(jacobian=tr.JacobianRegularizer(layers={"input": 0.01, "conv_3": 0.01}),
+                        adversary=tr.AdversarialTraining("fgsm_rs", epsilon=0.05))
+    model.compile(optimizer="adam", loss=LOSS, metrics=["accuracy"], jit_compile=True)
+    x, y = _data(32)
+    logs = model.fit(x, y, batch_size=16, epochs=1, verbose=0).history
+    assert np.isfinite(logs["jacobian/conv_3"][0])
+    path = os.path.join(tmp_path, "robust.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, tr.RobustModel)
+    assert loaded.jacobian.get_config() == model.jacobian.get_config()
+    assert loaded.adversary.get_config() == model.adversary.get_config()
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_backup_and_restore_resumes_with_same_step_count(tmp_path):
+    x, y = _data(64)
+
+    def make():
+        keras.utils.set_random_seed(0)
+        model = _robust_stq(jacobian=tr.JacobianRegularizer())
+        model.compile(optimizer="adam", loss=LOSS)
+        return model
+
+    uninterrupted = make()
+    uninterrupted.fit(x, y, batch_size=8, epochs=3, verbose=0, shuffle=False)
+
+    class Kill(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if int(self.model.optimizer.iterations) == 13:  # mid-way through epoch 2
+                raise KeyboardInterrupt
+
+    backup = str(tmp_path / "backup")
+    interrupted = make()
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit(x, y, batch_size=8, epochs=3, verbose=0, shuffle=False,
+                        callbacks=[keras.callbacks.BackupAndRestore(backup), Kill()])
+    resumed = make()
+    history = resumed.fit(x, y, batch_size=8, epochs=3, verbose=0, shuffle=False,
+                          callbacks=[keras.callbacks.BackupAndRestore(backup)])
+    assert int(resumed.optimizer.iterations) == int(uninterrupted.optimizer.iterations) == 24
+    assert len(history.history["loss"]) == 2  # epochs 2 and 3 only: epoch 1 was not redone
+
+
+def test_mirrored_strategy_matches_single_device():
+    """Two replicas: logged losses and the weight update equal one device on the global batch."""
+    script = os.path.join(os.path.dirname(__file__), "mirrored_check.py")
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["replicas"] == 2
+    for key in ("ce", "jacobian", "loss", "accuracy"):
+        assert result["mirrored"][key] == pytest.approx(result["single"][key], rel=1e-4), key
+    assert result["max_weight_difference"] < 1e-5
+
+
+def test_unknown_layer_fails_before_training():
+    with pytest.raises(ValueError, match="Unknown layer names.*'conv_9'"):
+        _robust_stq(jacobian=tr.JacobianRegularizer(layers={"conv_9": 0.1}))
+
+
+def test_layer_not_reaching_logits_fails_before_training():
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(3, name="detached")(inputs)
+    h = keras.layers.Lambda(keras.ops.stop_gradient, name="stop")(h)
+    outputs = keras.layers.Dense(2, name="logits")(keras.layers.Concatenate()([h, inputs]))
+    with pytest.raises(ValueError, match="'detached' does not reach the logits"):
+        tr.RobustModel(inputs, outputs, jacobian=tr.JacobianRegularizer(layers={"detached": 0.1}))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(method="mart"), "Received: method='mart'"),
+        (dict(epsilon=-1), "Received: epsilon=-1"),
+        (dict(steps=0), "Received: steps=0"),
+        (dict(norm="l1"), "Received: norm='l1'"),
+        (dict(input_range=(1, 0)), r"Received: input_range=\(1, 0\)"),
+    ],
+)
+def test_bad_adversary(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tr.AdversarialTraining(**kwargs)

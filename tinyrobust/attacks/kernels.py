@@ -1,0 +1,97 @@
+"""Pure TensorFlow building blocks of gradient attacks.
+
+Each function is traceable (no Python side effects), so attack loops built
+from them run inside a compiled train step or a per-model `tf.function`.
+Inputs are batches; `eps` bounds the perturbation in the given norm.
+"""
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+NORMS = ("linf", "l2")
+
+
+def _batch_norm(t):
+    return ops.sqrt(ops.sum(ops.reshape(ops.square(t), (ops.shape(t)[0], -1)), axis=-1))
+
+
+def _expand(v, like):
+    return ops.reshape(v, (-1,) + (1,) * (len(like.shape) - 1))
+
+
+def project(delta, eps, norm):
+    """Projects perturbations onto the `norm` ball of radius `eps`."""
+    if norm == "linf":
+        return ops.clip(delta, -eps, eps)
+    scale = ops.minimum(1.0, eps / ops.maximum(_batch_norm(delta), 1e-12))
+    return delta * _expand(scale, delta)
+
+
+def normalized_step(gradient, norm):
+    """The steepest-ascent direction of unit `norm`: sign for L-inf, unit L2 otherwise."""
+    if norm == "linf":
+        return ops.sign(gradient)
+    return gradient / _expand(ops.maximum(_batch_norm(gradient), 1e-12), gradient)
+
+
+def random_start(x, eps, norm, seed=None):
+    """A uniform random point of the `norm` ball of radius `eps` around zero."""
+    if norm == "linf":
+        return keras.random.uniform(ops.shape(x), -eps, eps, dtype=x.dtype, seed=seed)
+    direction = keras.random.normal(ops.shape(x), dtype=x.dtype, seed=seed)
+    direction = direction / _expand(_batch_norm(direction), x)
+    size = ops.prod(ops.shape(x)[1:])
+    radius = eps * keras.random.uniform((ops.shape(x)[0],), dtype=x.dtype, seed=seed) ** (1.0 / ops.cast(size, x.dtype))
+    return direction * _expand(radius, x)
+
+
+def clip_to_range(x, input_range):
+    """Clips inputs to the valid `(low, high)` range."""
+    return ops.clip(x, input_range[0], input_range[1])
+
+
+def cross_entropy(logits, labels):
+    """Per-example softmax cross-entropy of logits with integer labels."""
+    return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+
+
+def kl_divergence(reference_logits, logits):
+    """Per-example KL(softmax(reference) || softmax(logits))."""
+    log_p = ops.log_softmax(reference_logits, axis=-1)
+    log_q = ops.log_softmax(logits, axis=-1)
+    return ops.sum(ops.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def input_gradient(loss_fn, x):
+    """Gradient of `sum(loss_fn(x))` with respect to `x`."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = ops.sum(loss_fn(x))
+    return tape.gradient(loss, x)
+
+
+def pgd(loss_fn, x, eps, step_size, steps, norm="linf", start=None, input_range=(0.0, 1.0)):
+    """Projected gradient ascent on `loss_fn` within the `eps` ball around `x`.
+
+    Args:
+        loss_fn: maps a batch of inputs to per-example losses to maximise.
+        x: clean inputs.
+        eps: radius of the ball (scalar, may be a tensor).
+        step_size: size of each step in `norm`.
+        steps: number of steps (a Python int: the loop is unrolled).
+        norm: "linf" or "l2".
+        start: initial perturbation (e.g. `random_start`), or None for zero.
+        input_range: valid `(low, high)` of the inputs.
+
+    Returns:
+        Adversarial inputs, without gradient.
+    """
+    x = ops.stop_gradient(x)
+    delta = ops.zeros_like(x) if start is None else start
+    x_adv = clip_to_range(x + project(delta, eps, norm), input_range)
+    for _ in range(steps):
+        gradient = input_gradient(loss_fn, x_adv)
+        delta = project(x_adv + step_size * normalized_step(gradient, norm) - x, eps, norm)
+        x_adv = clip_to_range(x + delta, input_range)
+    return ops.stop_gradient(x_adv)

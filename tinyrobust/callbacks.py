@@ -1,0 +1,190 @@
+"""Keras callbacks for robust, quantized training.
+
+The schedulers set variables read inside the compiled train step, so they take
+effect without retracing; they are set at the start of every epoch from the
+epoch number alone, which keeps resumed runs (`keras.callbacks.BackupAndRestore`)
+on the same schedule.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from tinyrobust import quantizers
+from tinyrobust.attacks import kernels
+
+__all__ = ["JacobianWeightScheduler", "EpsilonScheduler", "QuantizationNoiseScheduler", "RobustAccuracy"]
+
+
+def _check_epochs(name, value, allow_zero=True):
+    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
+        raise ValueError(f"Expected `{name}` to be a {'non-negative' if allow_zero else 'positive'} integer. "
+                         f"Received: {name}={value!r}")
+    return value
+
+
+def _ramp(epoch, start_epoch, ramp_epochs, start, end):
+    """Linear from `start` at `start_epoch` to `end` after `ramp_epochs` more epochs."""
+    if epoch < start_epoch:
+        return start
+    if ramp_epochs == 0:
+        return end
+    fraction = min(1.0, (epoch - start_epoch + 1) / ramp_epochs)
+    return start + fraction * (end - start)
+
+
+class _RampScheduler(keras.callbacks.Callback):
+    attribute = None
+
+    def __init__(self, ramp_epochs, start_epoch=0, start=0.0, end=1.0):
+        super().__init__()
+        self.ramp_epochs = _check_epochs("ramp_epochs", ramp_epochs)
+        self.start_epoch = _check_epochs("start_epoch", start_epoch)
+        self.start, self.end = float(start), float(end)
+
+    def value(self, epoch):
+        """The scheduled value at `epoch` (0-based)."""
+        return _ramp(epoch, self.start_epoch, self.ramp_epochs, self.start, self.end)
+
+    def _variables(self):
+        variable = getattr(self.model, self.attribute, None)
+        if variable is None:
+            raise ValueError(f"{type(self).__name__} needs a tinyrobust.RobustModel. Received: model={self.model.name!r}")
+        return [variable]
+
+    def on_epoch_begin(self, epoch, logs=None):
+        for variable in self._variables():
+            variable.assign(self.value(epoch))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs[self.log_name] = self.value(epoch)
+
+
+class JacobianWeightScheduler(_RampScheduler):
+    """Warms up the Jacobian terms: their weights are multiplied by a factor
+    rising linearly from `start` to `end` over `ramp_epochs` epochs.
+
+    Args:
+        ramp_epochs: epochs of the ramp (0: jump to `end` at `start_epoch`).
+        start_epoch: epochs at `start` before the ramp begins.
+        start: factor before the ramp.
+        end: factor after the ramp.
+    """
+
+    attribute = "jacobian_scale"
+    log_name = "jacobian_scale"
+
+
+class EpsilonScheduler(_RampScheduler):
+    """Ramps the adversarial-training epsilon from `start * eps` to `end * eps`.
+
+    Args:
+        ramp_epochs: epochs of the ramp.
+        start_epoch: epochs at `start` before the ramp begins.
+        start: fraction of epsilon before the ramp.
+        end: fraction of epsilon after the ramp.
+    """
+
+    attribute = "epsilon_scale"
+    log_name = "epsilon_scale"
+
+
+class QuantizationNoiseScheduler(_RampScheduler):
+    """Fades the stochasticity of stochastic quantizers (STQ, STB) in the model,
+    from `start` (1: unbiased stochastic rounding) to `end` (0: deterministic).
+
+    Args:
+        ramp_epochs: epochs of the fade.
+        start_epoch: epochs at `start` before the fade begins.
+        start: stochasticity before the fade.
+        end: stochasticity after the fade.
+    """
+
+    log_name = "stochasticity"
+
+    def __init__(self, ramp_epochs, start_epoch=0, start=1.0, end=0.0):
+        for name, value in (("start", start), ("end", end)):
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"Expected `{name}` in [0, 1]. Received: {name}={value!r}")
+        super().__init__(ramp_epochs, start_epoch, start, end)
+
+    def _variables(self):
+        found = [
+            layer.stochasticity
+            for layer in self.model._flatten_layers(include_self=False)
+            if isinstance(layer, quantizers.Quantizer) and layer.stochastic and layer.built
+        ]
+        if not found:
+            raise ValueError(f"The model has no stochastic quantizer to schedule. Received: model={self.model.name!r}")
+        return found
+
+
+class RobustAccuracy(keras.callbacks.Callback):
+    """Accuracy under an attack on held-out data, logged as `<name>` every `every` epochs.
+
+    The value is written into the epoch's logs, so `ModelCheckpoint`,
+    `EarlyStopping`, `CSVLogger` and TensorBoard see it like any metric.
+
+    Args:
+        x: held-out inputs (a small subset: attacks are costly).
+        y: integer labels.
+        attack: callable `attack(model, x, y) -> x_adv`; default PGD-10 L-inf
+            with `epsilon` and step `2.5 * epsilon / 10` from a random start.
+        epsilon: radius of the default attack.
+        every: evaluate every `every` epochs (and always on the last epoch).
+        batch_size: examples per attack batch.
+        name: log key.
+    """
+
+    def __init__(self, x, y, attack=None, epsilon=8 / 255, every=1, batch_size=256, name="robust_accuracy"):
+        super().__init__()
+        self.x, self.y = np.asarray(x), np.asarray(y)
+        if len(self.x) == 0 or len(self.x) != len(self.y):
+            raise ValueError(f"Expected non-empty `x` and `y` of equal length. Received: len(x)={len(self.x)}, len(y)={len(self.y)}")
+        self.every = _check_epochs("every", every, allow_zero=False)
+        self.attack = attack or _DefaultPGD(epsilon)
+        self.batch_size = batch_size
+        self.name = name
+        self._last = None
+
+    def evaluate(self):
+        """Accuracy of the current model under the attack."""
+        correct = 0
+        for i in range(0, len(self.x), self.batch_size):
+            x, y = self.x[i: i + self.batch_size], self.y[i: i + self.batch_size]
+            x_adv = self.attack(self.model, x, y)
+            predictions = np.argmax(ops.convert_to_numpy(self.model(x_adv, training=False)), axis=-1)
+            correct += int(np.sum(predictions == y))
+        return correct / len(self.x)
+
+    def on_epoch_end(self, epoch, logs=None):
+        last = self.params.get("epochs") is not None and epoch + 1 == self.params["epochs"]
+        if (epoch + 1) % self.every == 0 or last or self._last is None:
+            self._last = self.evaluate()
+        if logs is not None:
+            logs[self.name] = self._last
+
+
+class _DefaultPGD:
+    """PGD-10 L-inf from a random start, compiled once per model."""
+
+    def __init__(self, epsilon, steps=10):
+        self.epsilon, self.steps = float(epsilon), steps
+        self._compiled = {}
+
+    def __call__(self, model, x, y):
+        import tensorflow as tf
+
+        key = id(model)
+        if key not in self._compiled:
+            seed = keras.random.SeedGenerator(0)
+
+            @tf.function
+            def run(x, y):
+                loss_fn = lambda z: kernels.cross_entropy(model(z, training=False), y)  # noqa: E731
+                start = kernels.random_start(x, self.epsilon, "linf", seed=seed)
+                return kernels.pgd(loss_fn, x, self.epsilon, 2.5 * self.epsilon / self.steps, self.steps, "linf", start)
+
+            self._compiled[key] = run
+        return self._compiled[key](tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(y))
