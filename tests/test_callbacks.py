@@ -1,0 +1,119 @@
+import csv
+
+import keras
+import numpy as np
+import pytest
+
+import tinyrobust as tr
+from tinyrobust import callbacks
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _data(n=32):
+    rng = np.random.default_rng(0)
+    return rng.uniform(size=(n, 28, 28, 1)).astype("float32"), (np.arange(n) % 10).astype("int32")
+
+
+def _model(**kwargs):
+    model = tr.RobustModel.wrap(tr.models.small_cnn(quantization="stq", width=4), **kwargs)
+    model.compile(optimizer="adam", loss=LOSS, metrics=["accuracy"])
+    return model
+
+
+class _Seen(keras.callbacks.Callback):
+    """Records a variable's value during each epoch (after schedulers ran)."""
+
+    def __init__(self, read):
+        super().__init__()
+        self.read, self.values = read, []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == 0:
+            self.values.append(round(float(self.read(self.model)), 6))
+
+
+def test_jacobian_weight_warm_up():
+    model = _model(jacobian=tr.JacobianRegularizer())
+    seen = _Seen(lambda m: m.jacobian_scale)
+    x, y = _data()
+    model.fit(x, y, epochs=4, batch_size=16, verbose=0,
+              callbacks=[callbacks.JacobianWeightScheduler(ramp_epochs=2, start_epoch=1), seen])
+    assert seen.values == [0.0, 0.5, 1.0, 1.0]
+
+
+def test_epsilon_ramp():
+    model = _model(adversary=tr.AdversarialTraining("fgsm_rs", epsilon=0.1))
+    seen = _Seen(lambda m: m.epsilon_scale)
+    x, y = _data()
+    model.fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[callbacks.EpsilonScheduler(ramp_epochs=3), seen])
+    assert seen.values == pytest.approx([1 / 3, 2 / 3, 1.0], abs=1e-6)
+
+
+def test_quantization_noise_fades_to_deterministic():
+    model = _model()
+    quantizer = model.get_layer("conv_2").kernel_quantizer
+    seen = _Seen(lambda m: quantizer.stochasticity)
+    x, y = _data()
+    model.fit(x, y, epochs=3, batch_size=16, verbose=0,
+              callbacks=[callbacks.QuantizationNoiseScheduler(ramp_epochs=2), seen])
+    assert seen.values == [0.5, 0.0, 0.0]
+    # Fully faded: training-mode quantization equals inference.
+    kernel = model.get_layer("conv_2").kernel
+    np.testing.assert_array_equal(quantizer(kernel, training=True), quantizer(kernel, training=False))
+
+
+def test_schedulers_need_a_robust_model_or_stochastic_quantizers():
+    plain = tr.models.small_cnn(width=4)
+    plain.compile(optimizer="adam", loss=LOSS)
+    x, y = _data(16)
+    with pytest.raises(ValueError, match="needs a tinyrobust.RobustModel"):
+        plain.fit(x, y, epochs=1, verbose=0, callbacks=[callbacks.JacobianWeightScheduler(1)])
+    with pytest.raises(ValueError, match="no stochastic quantizer"):
+        plain.fit(x, y, epochs=1, verbose=0, callbacks=[callbacks.QuantizationNoiseScheduler(1)])
+
+
+def test_robust_accuracy_feeds_checkpoint_early_stopping_and_csv(tmp_path):
+    model = _model()
+    x, y = _data()
+    csv_path = tmp_path / "log.csv"
+    robust = callbacks.RobustAccuracy(x[:16], y[:16], epsilon=0.05, every=2)
+    model.fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[
+        robust,
+        keras.callbacks.ModelCheckpoint(str(tmp_path / "best.keras"), monitor="robust_accuracy", mode="max",
+                                        save_best_only=True),
+        keras.callbacks.EarlyStopping(monitor="robust_accuracy", mode="max", patience=5),
+        keras.callbacks.CSVLogger(str(csv_path)),
+    ])
+    rows = list(csv.DictReader(open(csv_path)))
+    assert len(rows) == 3 and all(0.0 <= float(r["robust_accuracy"]) <= 1.0 for r in rows)
+    assert (tmp_path / "best.keras").exists()
+
+
+def test_robust_accuracy_is_at_most_clean_accuracy_on_trained_model():
+    keras.utils.set_random_seed(0)
+    x, y = tr.data.load_arrays("fashion_mnist", "train", limit=1024)
+    # No batch norm: its moving statistics would need far more steps to settle.
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(64, activation="relu"),
+                              keras.layers.Dense(10)])
+    model.compile(optimizer="adam", loss=LOSS, metrics=["accuracy"])
+    model.fit(x, y, epochs=5, batch_size=32, verbose=0)
+    robust = callbacks.RobustAccuracy(x[:200], y[:200], epsilon=0.1)
+    robust.set_model(model)
+    clean = model.evaluate(x[:200], y[:200], verbose=0, return_dict=True)["accuracy"]
+    attacked = robust.evaluate()
+    assert clean > 0.5 and attacked < clean - 0.2
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: callbacks.JacobianWeightScheduler(ramp_epochs=-1), "Received: ramp_epochs=-1"),
+        (lambda: callbacks.QuantizationNoiseScheduler(2, end=1.5), "Received: end=1.5"),
+        (lambda: callbacks.RobustAccuracy(np.zeros((0, 2)), np.zeros(0)), r"Received: len\(x\)=0"),
+        (lambda: callbacks.RobustAccuracy(np.zeros((2, 2)), np.zeros(2), every=0), "Received: every=0"),
+    ],
+)
+def test_bad_arguments(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
