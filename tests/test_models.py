@@ -39,3 +39,25 @@ def test_bad_arguments():
         tr.models.small_cnn(quantization="int3")
     with pytest.raises(ValueError, match="Received: width=0"):
         tr.models.small_cnn(width=0)
+
+
+def test_resnet8_matches_mlperf_tiny_parameter_count():
+    assert tr.models.resnet8().count_params() == 78_666
+    assert tr.summary(tr.models.resnet8(quantization="stq"), print_fn=None).params == 78_666
+
+
+@pytest.mark.parametrize("quantization", ["int8", "stq"])
+def test_resnet8_trains_saves_and_reloads(quantization, tmp_path):
+    model = tr.models.resnet8(quantization=quantization)
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(0).uniform(size=(4, 32, 32, 3)).astype("float32")
+    assert np.isfinite(model.train_on_batch(x, np.arange(4)))
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    np.testing.assert_array_equal(keras.saving.load_model(path).predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_resnet8_stq_footprint_below_int8():
+    stq = tr.summary(tr.models.resnet8(quantization="stq"), print_fn=None)
+    int8 = tr.summary(tr.models.resnet8(quantization="int8"), print_fn=None)
+    assert stq.packed_bytes < 0.5 * int8.packed_bytes
