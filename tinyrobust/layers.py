@@ -23,6 +23,11 @@ def _serializable(cls):
     return keras.saving.register_keras_serializable(package="tinyrobust")(cls)
 
 
+def _layer_from_config(cls, config):
+    """Keras' `Layer.from_config`, skipping qkeras' override."""
+    return keras.layers.Layer.from_config.__func__(cls, config)
+
+
 class _QuantizedWeightsMixin:
     """Quantizer bookkeeping shared by the kernel layers.
 
@@ -32,6 +37,19 @@ class _QuantizedWeightsMixin:
 
     _quantizer_names = {"kernel": "kernel_quantizer", "bias": "bias_quantizer"}
     _channel_axes = (-1,)
+    _keras_base = None  # the Keras layer whose build and config the quantized layer keeps
+
+    def build(self, input_shape):
+        self._keras_base.build(self, input_shape)
+        self._build_quantizers()
+
+    def get_config(self):
+        # Keras' config, not qkeras' (which adds arguments the signature lacks).
+        return {**self._keras_base.get_config(self), **self._quantizer_config()}
+
+    @classmethod
+    def from_config(cls, config):
+        return _layer_from_config(cls, config)
 
     def _init_quantizers(self, **quantizers):
         for weight, argument in self._quantizer_names.items():
@@ -91,6 +109,8 @@ class QConv2D(_QuantizedWeightsMixin, qkeras.QConv2D):
         bias_quantizer: quantizer of the bias.
     """
 
+    _keras_base = keras.layers.Conv2D
+
     def __init__(
         self,
         filters,
@@ -125,20 +145,9 @@ class QConv2D(_QuantizedWeightsMixin, qkeras.QConv2D):
         )
         self._init_quantizers(kernel_quantizer=kernel_quantizer, bias_quantizer=bias_quantizer)
 
-    def build(self, input_shape):
-        keras.layers.Conv2D.build(self, input_shape)
-        self._build_quantizers()
-
     def call(self, inputs, training=None):
         outputs = self.convolution_op(inputs, self.quantized("kernel", training))
         return self._add_bias_and_activate(outputs, training)
-
-    def get_config(self):
-        return {**keras.layers.Conv2D.get_config(self), **self._quantizer_config()}
-
-    @classmethod
-    def from_config(cls, config):
-        return keras.layers.Layer.from_config.__func__(cls, config)
 
 
 @_serializable
@@ -155,6 +164,7 @@ class QDepthwiseConv2D(_QuantizedWeightsMixin, qkeras.QDepthwiseConv2D):
 
     _quantizer_names = {"kernel": "depthwise_quantizer", "bias": "bias_quantizer"}
     _channel_axes = (-2, -1)
+    _keras_base = keras.layers.DepthwiseConv2D
 
     def __init__(
         self,
@@ -187,23 +197,12 @@ class QDepthwiseConv2D(_QuantizedWeightsMixin, qkeras.QDepthwiseConv2D):
         )
         self._init_quantizers(depthwise_quantizer=depthwise_quantizer, bias_quantizer=bias_quantizer)
 
-    def build(self, input_shape):
-        keras.layers.DepthwiseConv2D.build(self, input_shape)
-        self._build_quantizers()
-
     def call(self, inputs, training=None):
         outputs = ops.depthwise_conv(
             inputs, self.quantized("kernel", training), strides=self.strides, padding=self.padding,
             dilation_rate=self.dilation_rate, data_format=self.data_format,
         )
         return self._add_bias_and_activate(outputs, training)
-
-    def get_config(self):
-        return {**keras.layers.DepthwiseConv2D.get_config(self), **self._quantizer_config()}
-
-    @classmethod
-    def from_config(cls, config):
-        return keras.layers.Layer.from_config.__func__(cls, config)
 
 
 @_serializable
@@ -216,6 +215,8 @@ class QDense(_QuantizedWeightsMixin, qkeras.QDense):
         kernel_quantizer: quantizer of the kernel (per output unit scale).
         bias_quantizer: quantizer of the bias.
     """
+
+    _keras_base = keras.layers.Dense
 
     def __init__(
         self,
@@ -246,20 +247,9 @@ class QDense(_QuantizedWeightsMixin, qkeras.QDense):
         )
         self._init_quantizers(kernel_quantizer=kernel_quantizer, bias_quantizer=bias_quantizer)
 
-    def build(self, input_shape):
-        keras.layers.Dense.build(self, input_shape)
-        self._build_quantizers()
-
     def call(self, inputs, training=None):
         outputs = ops.matmul(inputs, self.quantized("kernel", training))
         return self._add_bias_and_activate(outputs, training)
-
-    def get_config(self):
-        return {**keras.layers.Dense.get_config(self), **self._quantizer_config()}
-
-    @classmethod
-    def from_config(cls, config):
-        return keras.layers.Layer.from_config.__func__(cls, config)
 
 
 @_serializable
@@ -308,7 +298,7 @@ class QActivation(qkeras.QActivation):
 
     @classmethod
     def from_config(cls, config):
-        return keras.layers.Layer.from_config.__func__(cls, config)
+        return _layer_from_config(cls, config)
 
 
 def quantized_weights(layer):
