@@ -164,10 +164,6 @@ class _ScaledQuantizer(Quantizer):
             scale = _power_of_two(scale)
         return scale
 
-    def _sample(self, probability, training):
-        """Bernoulli draws with `probability`, or the deterministic choice."""
-        raise NotImplementedError
-
     def get_config(self):
         config = super().get_config()
         config.update(alpha=self.alpha, stochasticity=self.initial_stochasticity, seed=self.seed)

@@ -154,7 +154,7 @@ class RobustModel(keras.Model):
         self.adversary = _deserialize(adversary, AdversarialTraining)
         if len(self.outputs) != 1:
             raise ValueError(f"RobustModel needs exactly one output (the logits). Received: {len(self.outputs)} outputs")
-        hidden = []
+        features = None
         if self.jacobian is not None:
             names = {layer.name for layer in self.layers}
             unknown = [n for n in self.jacobian.hidden_layers if n not in names]
@@ -164,7 +164,8 @@ class RobustModel(keras.Model):
                     f"Received: layers={self.jacobian.layers!r}"
                 )
             hidden = [self.get_layer(n).output for n in self.jacobian.hidden_layers]
-        features = keras.Model(self.inputs, [self.outputs[0], *hidden], name=f"{self.name}_features")
+            # One forward pass gives the logits and every regularised activation.
+            features = keras.Model(self.inputs, [self.outputs[0], *hidden], name=f"{self.name}_features")
         seed = None if self.jacobian is None else self.jacobian.seed
         attack_seed = None if self.adversary is None else self.adversary.seed
         self._aux = _Untracked(
