@@ -71,7 +71,7 @@ def input_gradient(loss_fn, x):
     return tape.gradient(loss, x)
 
 
-def pgd(loss_fn, x, eps, step_size, steps, norm="linf", start=None, input_range=(0.0, 1.0)):
+def pgd(loss_fn, x, eps, step_size, steps, norm="linf", start=None, input_range=(0.0, 1.0), momentum=None):
     """Projected gradient ascent on `loss_fn` within the `eps` ball around `x`.
 
     Args:
@@ -79,10 +79,12 @@ def pgd(loss_fn, x, eps, step_size, steps, norm="linf", start=None, input_range=
         x: clean inputs.
         eps: radius of the ball (scalar, may be a tensor).
         step_size: size of each step in `norm`.
-        steps: number of steps (a Python int: the loop is unrolled).
+        steps: number of steps: a Python int unrolls the loop, a tensor makes
+            it a `tf.while_loop` inside a `tf.function`.
         norm: "linf" or "l2".
         start: initial perturbation (e.g. `random_start`), or None for zero.
         input_range: valid `(low, high)` of the inputs.
+        momentum: None, or the decay of MIM's accumulated L1-normalised gradient.
 
     Returns:
         Adversarial inputs, without gradient.
@@ -90,8 +92,38 @@ def pgd(loss_fn, x, eps, step_size, steps, norm="linf", start=None, input_range=
     x = ops.stop_gradient(x)
     delta = ops.zeros_like(x) if start is None else start
     x_adv = clip_to_range(x + project(delta, eps, norm), input_range)
+    velocity = ops.zeros_like(x)
     for _ in range(steps):
         gradient = input_gradient(loss_fn, x_adv)
+        if momentum is not None:
+            l1 = ops.sum(ops.reshape(ops.abs(gradient), (ops.shape(x)[0], -1)), axis=-1)
+            velocity = momentum * velocity + gradient / _expand(ops.maximum(l1, 1e-12), gradient)
+            gradient = velocity
         delta = project(x_adv + step_size * normalized_step(gradient, norm) - x, eps, norm)
         x_adv = clip_to_range(x + delta, input_range)
     return ops.stop_gradient(x_adv)
+
+
+def margin(logits, labels):
+    """Per-example `z_y - max_{j != y} z_j`: negative when misclassified."""
+    classes = logits.shape[-1]
+    mask = ops.one_hot(labels, classes, dtype=logits.dtype)
+    true = ops.sum(logits * mask, axis=-1)
+    other = ops.max(logits - 1e9 * mask, axis=-1)
+    return true - other
+
+
+def dlr_loss(logits, labels, target=None):
+    """Difference-of-logits-ratio loss of Croce and Hein (2020), to maximise.
+
+    Untargeted: `-(z_y - max_{j != y} z_j) / (z_pi1 - z_pi3)`; targeted:
+    `-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)`, pi sorting the logits in
+    decreasing order.
+    """
+    ordered = ops.flip(ops.sort(logits, axis=-1), axis=-1)
+    if target is None:
+        return -margin(logits, labels) / (ordered[:, 0] - ordered[:, 2] + 1e-12)
+    classes = logits.shape[-1]
+    true = ops.sum(logits * ops.one_hot(labels, classes, dtype=logits.dtype), axis=-1)
+    goal = ops.sum(logits * ops.one_hot(target, classes, dtype=logits.dtype), axis=-1)
+    return -(true - goal) / (ordered[:, 0] - 0.5 * (ordered[:, 2] + ordered[:, 3]) + 1e-12)

@@ -1,0 +1,197 @@
+"""What every attack shares: validated configuration, model adapters, results."""
+
+import dataclasses
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tinyrobust.attacks import kernels
+
+
+def check_number(name, value, low=None, high=None, low_open=False, integer=False):
+    """Returns `value` if it is a number within bounds, else raises ValueError naming it."""
+    kinds = (int,) if integer else (int, float, np.integer, np.floating)
+    ok = isinstance(value, kinds) and not isinstance(value, bool)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        bound = ""
+        if low is not None:
+            bound += f" {'>' if low_open else '>='} {low}"
+        if high is not None:
+            bound += f"{' and' if bound else ''} <= {high}"
+        raise ValueError(f"Expected `{name}` to be a{'n integer' if integer else ' number'}{bound}. "
+                         f"Received: {name}={value!r}")
+    return value
+
+
+def check_epsilons(eps):
+    """A tuple of non-negative epsilons from a number or a sequence."""
+    values = tuple(eps) if isinstance(eps, (list, tuple, np.ndarray)) else (eps,)
+    if not values:
+        raise ValueError(f"Expected at least one epsilon. Received: eps={eps!r}")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or value < 0:
+            raise ValueError(f"Expected `eps` to be non-negative numbers. Received: eps={eps!r}")
+    return tuple(float(v) for v in values)
+
+
+def check_norm(norm, allowed=kernels.NORMS):
+    if norm not in allowed:
+        raise ValueError(f"Expected `norm` to be one of {list(allowed)}. Received: norm={norm!r}")
+    return norm
+
+
+def check_range(input_range):
+    try:
+        low, high = (float(v) for v in input_range)
+    except (TypeError, ValueError):
+        low = high = None
+    if low is None or not low < high:
+        raise ValueError(f"Expected `input_range` to be (low, high) with low < high. Received: input_range={input_range!r}")
+    return (low, high)
+
+
+def logits_function(model):
+    """A callable mapping a float32 batch to logits, for a Keras model or any callable."""
+    if isinstance(model, keras.Layer):
+        return lambda x: model(x, training=False)
+    return model
+
+
+def predict(model, x, batch_size=512):
+    """Numpy logits (or labels, for label-only callables) of `model` on `x`."""
+    fn = logits_function(model)
+    outputs = [np.asarray(keras.ops.convert_to_numpy(fn(tf.constant(x[i:i + batch_size], tf.float32))))
+               for i in range(0, len(x), batch_size)]
+    return np.concatenate(outputs)
+
+
+def labels_of(outputs):
+    """Predicted labels from logits (N, C) or labels (N,)."""
+    outputs = np.asarray(outputs)
+    return outputs if outputs.ndim == 1 else np.argmax(outputs, axis=-1)
+
+
+@dataclasses.dataclass
+class AttackResult:
+    """What an attack returns for one batch.
+
+    Attributes:
+        epsilons: the radii, one per entry of the lists below.
+        x_adv: adversarial inputs per epsilon (clipped to the ball and the input range).
+        success: per epsilon, a bool array: the model's prediction on `x_adv`
+            is wrong (untargeted) or the target (targeted).
+        queries: per epsilon, model queries used per example (black-box
+            attacks), or None.
+    """
+
+    epsilons: tuple
+    x_adv: list
+    success: list
+    queries: list = None
+
+
+class Attack:
+    """Base class: a configured attack, called as `attack(model, x, y=None)`.
+
+    Subclasses implement `_attack(model, x, y, eps) -> (x_adv, queries or None)`
+    on numpy arrays. `y=None` attacks the model's own predictions.
+
+    Args:
+        eps: a radius or a list of radii (one adversarial batch per radius).
+        norm: "linf" or "l2".
+        targeted: if True, `y` holds target labels to reach.
+        input_range: valid (low, high) of the inputs.
+        seed: seed of the attack's randomness.
+    """
+
+    norms = kernels.NORMS
+
+    def __init__(self, eps, norm="linf", targeted=False, input_range=(0.0, 1.0), seed=0):
+        self.epsilons = check_epsilons(eps)
+        self.norm = check_norm(norm, self.norms)
+        self.targeted = bool(targeted)
+        self.input_range = check_range(input_range)
+        self.seed = check_number("seed", seed, low=0, integer=True)
+        self._compiled = {}
+
+    def __call__(self, model, x, y=None):
+        """Adversarial inputs: one array, or a list of arrays when several epsilons are configured."""
+        result = self.run(model, x, y)
+        return result.x_adv[0] if len(self.epsilons) == 1 else result.x_adv
+
+    def run(self, model, x, y=None):
+        """Attacks a batch at every epsilon.
+
+        Args:
+            model: Keras model or callable returning logits (or labels, for
+                decision-based attacks).
+            x: inputs within `input_range`.
+            y: integer labels (targets when `targeted`), or None for the
+                model's predictions.
+
+        Returns:
+            An `AttackResult`.
+        """
+        x = np.asarray(x, dtype="float32")
+        low, high = self.input_range
+        if x.size and (x.min() < low or x.max() > high):
+            raise ValueError(f"Inputs must lie in input_range={self.input_range}. "
+                             f"Received: x in [{x.min():.4g}, {x.max():.4g}]")
+        if y is None:
+            if self.targeted:
+                raise ValueError("A targeted attack needs target labels. Received: y=None")
+            y = labels_of(predict(model, x))
+        y = np.asarray(y).astype("int32")
+        if len(y) != len(x):
+            raise ValueError(f"Expected one label per input. Received: len(x)={len(x)}, len(y)={len(y)}")
+        advs, successes, queries = [], [], []
+        for eps in self.epsilons:
+            if eps == 0:
+                x_adv, used = x.copy(), None
+            else:
+                x_adv, used = self._attack(model, x, y, eps)
+                x_adv = self._project(x, np.asarray(x_adv, "float32"), eps)
+            advs.append(x_adv)
+            successes.append(self.is_success(model, x_adv, y))
+            queries.append(used)
+        return AttackResult(self.epsilons, advs, successes, None if all(q is None for q in queries) else queries)
+
+    def is_success(self, model, x_adv, y):
+        """Per-example success of `x_adv` against `model`."""
+        predicted = labels_of(predict(model, x_adv))
+        return predicted == y if self.targeted else predicted != y
+
+    def _project(self, x, x_adv, eps):
+        """Guarantees the bound and the input range whatever the attack did."""
+        delta = x_adv - x
+        if self.norm == "linf":
+            delta = np.clip(delta, -eps, eps)
+        else:
+            norms = np.sqrt(np.sum(delta.reshape(len(x), -1) ** 2, axis=1))
+            scale = np.minimum(1.0, eps / np.maximum(norms, 1e-12)).reshape((-1,) + (1,) * (x.ndim - 1))
+            delta = delta * scale
+        return np.clip(x + delta, *self.input_range).astype("float32")
+
+    def compiled(self, model, build):
+        """A function built once per model by `build(model)` (e.g. a `tf.function`)."""
+        key = id(model)
+        if key not in self._compiled or self._compiled[key][0] is not model:
+            self._compiled[key] = (model, build(model))
+        return self._compiled[key][1]
+
+    def _attack(self, model, x, y, eps):
+        raise NotImplementedError
+
+    def get_config(self):
+        eps = self.epsilons[0] if len(self.epsilons) == 1 else list(self.epsilons)
+        return {"eps": eps, "norm": self.norm, "targeted": self.targeted, "input_range": list(self.input_range),
+                "seed": self.seed}
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
