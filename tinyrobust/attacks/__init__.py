@@ -1,5 +1,18 @@
-"""Adversarial attacks. `kernels` holds the traceable building blocks."""
+"""Adversarial attacks and honest robustness evaluation.
+
+Every attack is a configured object called as `attack(model, x, y=None)`
+(adversarial inputs, one batch per eps) or `attack.run(model, x, y)` (an
+`AttackResult` with success per eps and queries used). `kernels` holds the
+traceable building blocks.
+"""
 
 from tinyrobust.attacks import kernels
+from tinyrobust.attacks.base import Attack, AttackResult
+from tinyrobust.attacks.blackbox import Square, Transfer
+from tinyrobust.attacks.evaluation import EOT, CheckReport, RobustnessReport, check_model, robust_accuracy
+from tinyrobust.attacks.gradient import APGD, FGSM, MIM, PGD, CarliniWagnerL2, DeepFool
 
-__all__ = ["kernels"]
+__all__ = [
+    "APGD", "Attack", "AttackResult", "CarliniWagnerL2", "CheckReport", "DeepFool", "EOT", "FGSM", "MIM", "PGD",
+    "RobustnessReport", "Square", "Transfer", "check_model", "kernels", "robust_accuracy",
+]

@@ -68,7 +68,8 @@ def input_gradient(loss_fn, x):
     with tf.GradientTape() as tape:
         tape.watch(x)
         loss = ops.sum(loss_fn(x))
-    return tape.gradient(loss, x)
+    # A masked model (e.g. a hard round) has no gradient: that is a zero gradient, not an error.
+    return tape.gradient(loss, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
 
 def pgd(loss_fn, x, eps, step_size, steps, norm="linf", start=None, input_range=(0.0, 1.0), momentum=None):

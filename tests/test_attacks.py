@@ -1,0 +1,220 @@
+import keras
+import numpy as np
+import pytest
+
+import tinyrobust as tr
+from tinyrobust import attacks
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small BN-free CNN trained briefly on Fashion-MNIST, and 100 test examples."""
+    keras.utils.set_random_seed(0)
+    x, y = tr.data.load_arrays("fashion_mnist", "train", limit=4000)
+    model = keras.Sequential([
+        keras.Input((28, 28, 1)), keras.layers.Conv2D(16, 3, activation="relu"), keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(32, 3, activation="relu"), keras.layers.MaxPooling2D(), keras.layers.Flatten(),
+        keras.layers.Dense(10),
+    ])
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=4, batch_size=64, verbose=0)
+    xt, yt = tr.data.load_arrays("fashion_mnist", "test", limit=100)
+    return model, xt, yt
+
+
+LINF = [
+    lambda eps: attacks.FGSM(eps),
+    lambda eps: attacks.PGD(eps, steps=5),
+    lambda eps: attacks.MIM(eps, steps=5),
+    lambda eps: attacks.APGD(eps, steps=10),
+    lambda eps: attacks.APGD(eps, steps=10, loss="dlr"),
+    lambda eps: attacks.DeepFool(eps, norm="linf", steps=10),
+    lambda eps: attacks.Square(eps, queries=200),
+]
+L2 = [
+    lambda eps: attacks.PGD(eps, norm="l2", steps=5),
+    lambda eps: attacks.CarliniWagnerL2(eps, steps=20, binary_search_steps=2),
+    lambda eps: attacks.DeepFool(eps, norm="l2", steps=10),
+]
+
+
+def _norms(delta, norm):
+    flat = delta.reshape(len(delta), -1)
+    return np.abs(flat).max(axis=1) if norm == "linf" else np.sqrt((flat ** 2).sum(axis=1))
+
+
+@pytest.mark.parametrize("make, epsilons", [(m, [0.0, 0.02, 0.1]) for m in LINF] + [(m, [0.0, 0.5, 2.0]) for m in L2])
+def test_attack_properties(trained, make, epsilons):
+    model, x, y = trained
+    attack = make(epsilons)
+    result = attack.run(model, x[:40], y[:40])
+    np.testing.assert_array_equal(result.x_adv[0], x[:40])  # eps = 0 returns the input
+    for eps, x_adv in zip(epsilons, result.x_adv):
+        assert np.all(_norms(x_adv - x[:40], attack.norm) <= eps + 1e-5)
+        assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    rates = [s.mean() for s in result.success]
+    assert rates == sorted(rates), rates  # success does not decrease with eps
+    assert rates[-1] > rates[0]
+    again = make(epsilons).run(model, x[:40], y[:40])  # reproducible from the seed
+    for a, b in zip(result.x_adv, again.x_adv):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_single_epsilon_call_returns_one_batch(trained):
+    model, x, y = trained
+    assert attacks.FGSM(0.05)(model, x[:5], y[:5]).shape == x[:5].shape
+    assert len(attacks.FGSM([0.01, 0.05])(model, x[:5])) == 2  # y=None: the model's predictions
+
+
+@pytest.mark.parametrize("attack", [attacks.PGD(0.3, steps=20, targeted=True), attacks.APGD(0.3, steps=20, targeted=True)])
+def test_targeted_attack_reaches_target(trained, attack):
+    model, x, y = trained
+    target = (y[:30] + 1) % 10
+    result = attack.run(model, x[:30], target)
+    predicted = np.argmax(model.predict(result.x_adv[0], verbose=0), axis=1)
+    assert np.mean(predicted == target) >= 0.8
+    np.testing.assert_array_equal(result.success[0], predicted == target)
+
+
+def test_square_reports_queries(trained):
+    model, x, y = trained
+    result = attacks.Square(0.1, queries=30).run(model, x[:20], y[:20])
+    assert result.queries[0].shape == (20,)
+    assert 1 <= result.queries[0].min() and result.queries[0].max() <= 30
+
+
+def test_square_runs_on_a_plain_callable(trained):
+    model, x, y = trained
+    as_function = lambda batch: np.asarray(model(batch, training=False))  # noqa: E731
+    result = attacks.Square(0.1, queries=30).run(as_function, x[:10], y[:10])
+    assert result.success[0].shape == (10,)
+
+
+def test_transfer_uses_surrogate_and_scores_target(trained):
+    model, x, y = trained
+    result = attacks.Transfer(model, attacks.PGD([0.05, 0.1], steps=5)).run(model, x[:30], y[:30])
+    direct = attacks.PGD([0.05, 0.1], steps=5).run(model, x[:30], y[:30])
+    for a, b in zip(result.success, direct.success):  # a model is its own perfect surrogate
+        np.testing.assert_array_equal(a, b)
+
+
+def test_robust_accuracy_worst_case(trained):
+    model, x, y = trained
+    report = attacks.robust_accuracy(model, (x, y), [attacks.FGSM([0.02, 0.05]), attacks.PGD([0.05], steps=5)],
+                                     batch_size=50, verbose=False)
+    pgd, fgsm = report.attacks["PGD"][0.05], report.attacks["FGSM"][0.05]
+    np.testing.assert_array_equal(report.worst[0.05], report.clean & pgd & fgsm)
+    np.testing.assert_array_equal(report.worst[0.02], report.clean & report.attacks["FGSM"][0.02])
+    summary = report.accuracy()
+    assert summary["worst"]["0.05"] <= min(summary["attacks"]["PGD"]["0.05"], summary["attacks"]["FGSM"]["0.05"])
+    assert report.kinds == {"FGSM": "single-step", "PGD": "iterative"}
+
+
+def test_robust_accuracy_accepts_dataset(trained):
+    import tensorflow as tf
+
+    model, x, y = trained
+    dataset = tf.data.Dataset.from_tensor_slices((x[:40], y[:40])).batch(16)
+    report = attacks.robust_accuracy(model, dataset, {"fgsm": attacks.FGSM(0.05)}, verbose=False)
+    assert report.clean.shape == (40,)
+
+
+def test_eot_averages_random_model(trained):
+    model, x, y = trained
+    noisy = lambda batch: model(batch + keras.random.normal(keras.ops.shape(batch), stddev=0.05), training=False)  # noqa: E731
+    plain = attacks.PGD(0.1, steps=5).run(noisy, x[:40], y[:40])
+    eot = attacks.EOT(attacks.PGD(0.1, steps=5), samples=8).run(noisy, x[:40], y[:40])
+    assert eot.success[0].mean() >= plain.success[0].mean() - 0.1
+    assert np.all(np.abs(eot.x_adv[0] - x[:40]) <= 0.1 + 1e-6)
+
+
+# -- cross-check against ART -----------------------------------------------------------------
+
+def _art_classifier(model):
+    from art.estimators.classification import TensorFlowV2Classifier
+
+    return TensorFlowV2Classifier(model, nb_classes=10, input_shape=(28, 28, 1), clip_values=(0.0, 1.0),
+                                  loss_object=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+
+def _accuracy(model, x, y):
+    return float(np.mean(np.argmax(model.predict(x, verbose=0), axis=1) == y))
+
+
+def test_pgd_agrees_with_art(trained):
+    from art.attacks.evasion import ProjectedGradientDescent
+
+    model, x, y = trained
+    eps = 0.03
+    ours = 1 - attacks.PGD(eps, steps=10, rel_step_size=0.25).run(model, x, y).success[0].mean()
+    art = ProjectedGradientDescent(_art_classifier(model), norm=np.inf, eps=eps, eps_step=0.25 * eps, max_iter=10,
+                                   num_random_init=1, batch_size=100, verbose=False)
+    theirs = _accuracy(model, art.generate(x, y=y), y)
+    assert abs(ours - theirs) <= 0.02, (ours, theirs)
+
+
+def test_square_agrees_with_art(trained):
+    from art.attacks.evasion import SquareAttack
+
+    model, x, y = trained
+    eps = 0.05
+    ours = 1 - attacks.Square(eps, queries=300).run(model, x, y).success[0].mean()
+    art = SquareAttack(_art_classifier(model), norm=np.inf, eps=eps, max_iter=300, p_init=0.05, nb_restarts=1,
+                       batch_size=100, verbose=False)
+    theirs = _accuracy(model, art.generate(x, y=y), y)
+    assert abs(ours - theirs) <= 0.02, (ours, theirs)
+
+
+# -- checks -----------------------------------------------------------------------------------
+
+def test_check_model_passes_a_plain_logit_model(trained):
+    model, x, y = trained
+    assert attacks.check_model(model, x[:50], y[:50], warn=False).ok
+
+
+def test_check_model_flags_softmax_and_randomness(trained):
+    model, x, y = trained
+    softmax = keras.Sequential([model, keras.layers.Softmax()])
+    assert "softmax_output" in attacks.check_model(softmax, x[:20], y[:20], warn=False).flags
+    noisy = lambda batch: model(batch + keras.random.normal(keras.ops.shape(batch), stddev=0.05), training=False)  # noqa: E731
+    with pytest.warns(UserWarning, match="EOT"):
+        assert "randomized" in attacks.check_model(noisy, x[:20], y[:20]).flags
+
+
+def test_check_model_flags_gradient_masking(trained):
+    model, x, y = trained
+    # Quantising the input with a hard round: zero gradients everywhere.
+    masked = lambda batch: model(keras.ops.round(batch * 4) / 4, training=False)  # noqa: E731
+    flags = attacks.check_model(masked, x[:20], y[:20], warn=False).flags
+    assert "zero_gradients" in flags
+    report = attacks.robust_accuracy(masked, (x[:60], y[:60]),
+                                     {"pgd": attacks.PGD(0.1, steps=5), "square": attacks.Square(0.1, queries=200)},
+                                     verbose=False)
+    flags = attacks.check_model(masked, x[:20], y[:20], report=report, warn=False).flags
+    assert "black_box_beats_white_box" in flags
+    assert "not_reaching_chance" in flags
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: attacks.PGD(-1), "Received: eps=-1"),
+        (lambda: attacks.PGD(0.1, steps=0), "Received: steps=0"),
+        (lambda: attacks.PGD(0.1, norm="l1"), "Received: norm='l1'"),
+        (lambda: attacks.APGD(0.1, loss="hinge"), "Received: loss='hinge'"),
+        (lambda: attacks.Square(0.1, queries=0), "Received: queries=0"),
+        (lambda: attacks.Square(0.1, p_init=1.5), "Received: p_init=1.5"),
+        (lambda: attacks.CarliniWagnerL2(0.5, learning_rate=0), "Received: learning_rate=0"),
+        (lambda: attacks.EOT(attacks.FGSM(0.1), samples=0), "Received: samples=0"),
+        (lambda: attacks.PGD(0.1, input_range=(1, 0)), r"Received: input_range=\(1, 0\)"),
+    ],
+)
+def test_bad_arguments(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_inputs_outside_range_are_rejected(trained):
+    model, x, y = trained
+    with pytest.raises(ValueError, match="input_range"):
+        attacks.FGSM(0.1).run(model, x[:2] * 2 + 1, y[:2])

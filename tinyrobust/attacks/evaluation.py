@@ -1,0 +1,258 @@
+"""Honest robustness evaluation: robust accuracy over several attacks with the
+per-example worst case, expectation over transformation, and checks that flag
+false robustness (Carlini et al. 2019; AutoAttack)."""
+
+import dataclasses
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tinyrobust.attacks import blackbox, gradient, kernels
+from tinyrobust.attacks.base import Attack, check_number, labels_of, logits_function, predict
+
+__all__ = ["EOT", "RobustnessReport", "robust_accuracy", "CheckReport", "check_model"]
+
+
+class EOT(Attack):
+    """Expectation over transformation for randomised models.
+
+    The wrapped attack sees the model averaged over `samples` random draws
+    (of the model's own randomness, and of `transform` applied to its input),
+    so its input gradient is the average of the draws' logit gradients.
+
+    Args:
+        attack: the attack to run on the averaged model.
+        samples: draws per query.
+        transform: optional random input transform `x -> x'` (traceable).
+    """
+
+    def __init__(self, attack, samples=10, transform=None):
+        if not isinstance(attack, Attack):
+            raise ValueError(f"Expected `attack` to be a tinyrobust attack. Received: attack={attack!r}")
+        super().__init__(list(attack.epsilons), norm=attack.norm, targeted=attack.targeted,
+                         input_range=attack.input_range, seed=attack.seed)
+        self.attack = attack
+        self.samples = check_number("samples", samples, low=1, integer=True)
+        self.transform = transform
+
+    def expectation(self, model):
+        """The averaged model, a callable returning mean logits."""
+        fn = logits_function(model)
+        transform = self.transform or (lambda x: x)
+
+        def averaged(x):
+            return tf.add_n([fn(transform(x)) for _ in range(self.samples)]) / float(self.samples)
+
+        return averaged
+
+    def run(self, model, x, y=None):
+        averaged = self.compiled(model, self.expectation)
+        result = self.attack.run(averaged, x, y)
+        labels = np.asarray(y if y is not None else labels_of(predict(averaged, np.asarray(x, "float32"))))
+        result.success = [self.is_success(averaged, x_adv, labels.astype("int32")) for x_adv in result.x_adv]
+        return result
+
+    def get_config(self):
+        return {"attack": type(self.attack).__name__, "samples": self.samples, **self.attack.get_config()}
+
+
+@dataclasses.dataclass
+class RobustnessReport:
+    """Per-example correctness under every attack, and the worst case.
+
+    Attributes:
+        clean: bool array, correct on clean inputs.
+        attacks: `{name: {eps: bool array}}`, correct under that attack.
+        worst: `{eps: bool array}`: correct under clean and every attack run at eps.
+        queries: `{name: {eps: mean queries per example}}` for query-based attacks.
+        kinds: `{name: "single-step" | "iterative" | "black-box" | "transfer"}`.
+    """
+
+    clean: np.ndarray
+    attacks: dict
+    worst: dict
+    queries: dict
+    kinds: dict
+
+    def accuracy(self):
+        """Accuracies as plain floats: clean, per attack and eps, worst case."""
+        return {
+            "clean": float(self.clean.mean()),
+            "attacks": {n: {str(e): float(v.mean()) for e, v in per.items()} for n, per in self.attacks.items()},
+            "worst": {str(e): float(v.mean()) for e, v in self.worst.items()},
+        }
+
+
+def attack_kind(attack):
+    """How an attack counts in the sanity checks."""
+    inner = attack.attack if isinstance(attack, EOT) else attack
+    if isinstance(inner, blackbox.Transfer):
+        return "transfer"
+    if isinstance(inner, blackbox.Square):
+        return "black-box"
+    if isinstance(inner, gradient.FGSM) or (isinstance(inner, gradient.PGD) and inner.steps == 1):
+        return "single-step"
+    return "iterative"
+
+
+def _batches(data, batch_size):
+    if isinstance(data, tf.data.Dataset):
+        for x, y in data:
+            yield np.asarray(x, "float32"), np.asarray(y).astype("int32")
+        return
+    x, y = data
+    x, y = np.asarray(x, "float32"), np.asarray(y).astype("int32")
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"Expected non-empty x and y of equal length. Received: len(x)={len(x)}, len(y)={len(y)}")
+    for i in range(0, len(x), batch_size):
+        yield x[i:i + batch_size], y[i:i + batch_size]
+
+
+def robust_accuracy(model, data, attacks, batch_size=256, verbose=True):
+    """Evaluates a model against one or several attacks.
+
+    An example counts as robust at eps only if it is correct on clean input
+    and survives every attack run at that eps.
+
+    Args:
+        model: Keras model or callable returning logits.
+        data: `(x, y)` arrays or a `tf.data.Dataset` of `(x, y)` batches.
+        attacks: an attack, a list of attacks, or a dict `{name: attack}`.
+        batch_size: batch size for arrays.
+        verbose: show a progress bar.
+
+    Returns:
+        A `RobustnessReport`.
+    """
+    if isinstance(attacks, Attack):
+        attacks = [attacks]
+    if isinstance(attacks, (list, tuple)):
+        named = {}
+        for attack in attacks:
+            name = type(attack).__name__
+            named[name if name not in named else f"{name}_{len(named)}"] = attack
+        attacks = named
+    if not attacks or not all(isinstance(a, Attack) for a in attacks.values()):
+        raise ValueError(f"Expected one or more tinyrobust attacks. Received: attacks={attacks!r}")
+    clean, correct, queries = [], {n: {} for n in attacks}, {n: {} for n in attacks}
+    progress = keras.utils.Progbar(None, unit_name="batch") if verbose else None
+    for step, (x, y) in enumerate(_batches(data, batch_size), start=1):
+        clean.append(labels_of(predict(model, x)) == y)
+        for name, attack in attacks.items():
+            result = attack.run(model, x, y)
+            for i, eps in enumerate(result.epsilons):
+                correct[name].setdefault(eps, []).append(~result.success[i])
+                if result.queries is not None and result.queries[i] is not None:
+                    queries[name].setdefault(eps, []).append(result.queries[i])
+        if progress is not None:
+            progress.update(step)
+    clean = np.concatenate(clean)
+    per_attack = {n: {e: np.concatenate(v) for e, v in per.items()} for n, per in correct.items()}
+    worst = {}
+    for per in per_attack.values():
+        for eps, values in per.items():
+            worst[eps] = (worst[eps] if eps in worst else clean) & values
+    mean_queries = {n: {e: float(np.concatenate(v).mean()) for e, v in per.items()} for n, per in queries.items() if per}
+    kinds = {n: attack_kind(a) for n, a in attacks.items()}
+    return RobustnessReport(clean, per_attack, dict(sorted(worst.items())), mean_queries, kinds)
+
+
+@dataclasses.dataclass
+class CheckReport:
+    """Flags raised by `check_model`: `{flag: message}`; empty when nothing is suspicious."""
+
+    flags: dict
+
+    @property
+    def ok(self):
+        return not self.flags
+
+
+def check_model(model, x, y, report=None, num_classes=None, chance_margin=0.1, warn=True):
+    """Flags signs of false robustness.
+
+    On the model: softmax outputs instead of logits ("softmax_output"), outputs
+    that change between identical calls ("randomized"), input gradients that
+    are zero for most examples ("zero_gradients") or not finite
+    ("nonfinite_gradients"). With a `RobustnessReport` from an evaluation:
+    black-box or transfer attacks beating white-box ones ("black_box_beats_white_box"),
+    single-step beating iterative ("single_step_beats_iterative"), and
+    accuracy at the largest eps still above chance ("not_reaching_chance").
+
+    Args:
+        model: Keras model or callable returning logits.
+        x: a batch of inputs.
+        y: their integer labels.
+        report: optional `RobustnessReport`.
+        num_classes: for the chance level; read from the outputs by default.
+        chance_margin: how far above chance accuracy may stay at the largest eps.
+        warn: also issue each flag as a `UserWarning`.
+
+    Returns:
+        A `CheckReport`.
+    """
+    x = np.asarray(x, "float32")
+    y = np.asarray(y).astype("int32")
+    flags = {}
+    first, second = predict(model, x), predict(model, x)
+    if first.ndim == 2:
+        num_classes = num_classes or first.shape[1]
+        if np.all(first >= 0) and np.all(first <= 1) and np.allclose(first.sum(axis=1), 1.0, atol=1e-3):
+            flags["softmax_output"] = "Outputs are probabilities (rows sum to 1): attacks need logits."
+    if not np.array_equal(first, second):
+        flags["randomized"] = "Outputs differ between identical calls: evaluate with EOT."
+    fn = logits_function(model)
+    inputs = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        loss = tf.reduce_sum(kernels.cross_entropy(fn(inputs), tf.constant(y)))
+    grads = tape.gradient(loss, inputs)
+    if grads is None:
+        flags["zero_gradients"] = "The loss has no gradient with respect to the input."
+    else:
+        grads = grads.numpy().reshape(len(x), -1)
+        if not np.all(np.isfinite(grads)):
+            flags["nonfinite_gradients"] = "Input gradients contain NaN or inf."
+        zero = np.mean(np.all(grads == 0, axis=1))
+        if zero > 0.5:
+            flags["zero_gradients"] = f"Input gradients are zero for {zero:.0%} of the examples (gradient masking?)."
+    if report is not None:
+        flags.update(_check_report(report, num_classes, chance_margin))
+    if warn:
+        for message in flags.values():
+            warnings.warn(message, stacklevel=2)
+    return CheckReport(flags)
+
+
+def _check_report(report, num_classes, chance_margin):
+    flags = {}
+    accuracy = {n: {e: float(v.mean()) for e, v in per.items()} for n, per in report.attacks.items()}
+    by_kind = {}
+    for name, kind in report.kinds.items():
+        by_kind.setdefault(kind, []).append(name)
+    for eps in report.worst:
+        def best(kind):
+            values = [accuracy[n][eps] for n in by_kind.get(kind, []) if eps in accuracy[n]]
+            return min(values) if values else None
+
+        iterative, single = best("iterative"), best("single-step")
+        white = min(v for v in (iterative, single) if v is not None) if iterative is not None or single is not None else None
+        for kind in ("black-box", "transfer"):
+            other = best(kind)
+            if white is not None and other is not None and other < white - 0.01:
+                flags["black_box_beats_white_box"] = (
+                    f"At eps={eps:g} a {kind} attack leaves {other:.1%} accuracy, below the white-box {white:.1%}: "
+                    "gradients may be masked.")
+        if iterative is not None and single is not None and single < iterative - 0.01:
+            flags["single_step_beats_iterative"] = (
+                f"At eps={eps:g} a single-step attack ({single:.1%}) beats iterative ones ({iterative:.1%}).")
+    if num_classes and report.worst:
+        largest = max(report.worst)
+        remaining = float(report.worst[largest].mean())
+        if remaining > 1.0 / num_classes + chance_margin:
+            flags["not_reaching_chance"] = (
+                f"At the largest eps={largest:g} accuracy is still {remaining:.1%}, above chance "
+                f"({1 / num_classes:.1%}): use a larger eps or a stronger attack.")
+    return flags
