@@ -76,6 +76,17 @@ def test_targeted_attack_reaches_target(trained, attack):
     np.testing.assert_array_equal(result.success[0], predicted == target)
 
 
+def test_targeted_dlr_lifts_target_above_predicted_class(trained):
+    """Targeted DLR maximises z_t - z_y against the clean prediction y (as in AutoAttack's APGD-T)."""
+    model, x, y = trained
+    predicted = np.argmax(model.predict(x[:30], verbose=0), axis=1)
+    target = (predicted + 1) % 10
+    x_adv = attacks.APGD(0.3, steps=20, loss="dlr", targeted=True)(model, x[:30], target)
+    logits = model.predict(x_adv, verbose=0)
+    rows = np.arange(30)
+    assert np.mean(logits[rows, target] > logits[rows, predicted]) >= 0.8
+
+
 def test_square_reports_queries(trained):
     model, x, y = trained
     result = attacks.Square(0.1, queries=30).run(model, x[:20], y[:20])

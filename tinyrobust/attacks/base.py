@@ -177,6 +177,27 @@ class Attack:
             delta = delta * scale
         return np.clip(x + delta, *self.input_range).astype("float32")
 
+    def first_success(self, model, y, candidates):
+        """Per example, the first candidate batch that succeeds (the last one if none does).
+
+        Args:
+            model: the attacked model.
+            y: labels (targets when targeted).
+            candidates: iterable of adversarial batches, e.g. one per restart,
+                computed lazily.
+
+        Returns:
+            One adversarial batch.
+        """
+        best = None
+        for candidate in candidates:
+            if best is None:
+                best = candidate
+            else:
+                broken = self.is_success(model, best, y).reshape((-1,) + (1,) * (best.ndim - 1))
+                best = np.where(broken, best, candidate)
+        return best
+
     def compiled(self, model, build):
         """A function built once per model by `build(model)` (e.g. a `tf.function`)."""
         key = id(model)

@@ -11,7 +11,7 @@ import tensorflow as tf
 from keras import ops
 
 from tinyrobust.attacks import kernels
-from tinyrobust.attacks.base import Attack, check_number, logits_function
+from tinyrobust.attacks.base import Attack, check_number, labels_of, logits_function, predict
 
 __all__ = ["PGD", "FGSM", "MIM", "APGD", "CarliniWagnerL2", "DeepFool"]
 
@@ -69,17 +69,13 @@ class PGD(Attack):
         run = self.compiled(model, self._build)
         rng = np.random.default_rng(self.seed)
         step_size = self.step_size if self.step_size is not None else self.rel_step_size * eps
-        best = None
-        for _ in range(self.restarts):
+
+        def restart():
             start = _start(rng, x, eps, self.norm) if self.random_start else np.zeros_like(x)
-            x_adv = run(tf.constant(x), tf.constant(y), tf.constant(eps, tf.float32),
-                        tf.constant(step_size, tf.float32), tf.constant(self.steps), tf.constant(start)).numpy()
-            if best is None:
-                best = x_adv
-            else:
-                broken = self.is_success(model, best, y)
-                best = np.where(broken.reshape((-1,) + (1,) * (x.ndim - 1)), best, x_adv)
-        return best, None
+            return run(tf.constant(x), tf.constant(y), tf.constant(eps, tf.float32),
+                       tf.constant(step_size, tf.float32), tf.constant(self.steps), tf.constant(start)).numpy()
+
+        return self.first_success(model, y, (restart() for _ in range(self.restarts))), None
 
     def get_config(self):
         return {**super().get_config(), "steps": self.steps, "step_size": self.step_size,
@@ -236,17 +232,15 @@ class APGD(Attack):
         run = self.compiled(model, self._build)
         rng = np.random.default_rng(self.seed)
         checkpoints = tf.constant(_apgd_checkpoints(self.steps))
-        best = None
-        for _ in range(self.restarts):
+        # Targeted: `y` holds targets; DLR also needs the class to move away from.
+        true = labels_of(predict(model, x)).astype("int32") if self.targeted else y
+
+        def restart():
             start = _start(rng, x, eps, self.norm)
-            x_adv = run(tf.constant(x), tf.constant(y), tf.constant(y), tf.constant(eps, tf.float32), checkpoints,
-                        tf.constant(start)).numpy()
-            if best is None:
-                best = x_adv
-            else:
-                broken = self.is_success(model, best, y)
-                best = np.where(broken.reshape((-1,) + (1,) * (x.ndim - 1)), best, x_adv)
-        return best, None
+            return run(tf.constant(x), tf.constant(true), tf.constant(y), tf.constant(eps, tf.float32), checkpoints,
+                       tf.constant(start)).numpy()
+
+        return self.first_success(model, y, (restart() for _ in range(self.restarts))), None
 
     def get_config(self):
         return {**super().get_config(), "loss": self.loss, "steps": self.steps, "restarts": self.restarts,
