@@ -10,8 +10,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tinyrobust import quantizers
-from tinyrobust.attacks import kernels
+from tinyrobust import attacks, quantizers
 
 __all__ = ["JacobianWeightScheduler", "EpsilonScheduler", "QuantizationNoiseScheduler", "RobustAccuracy"]
 
@@ -129,8 +128,9 @@ class RobustAccuracy(keras.callbacks.Callback):
     Args:
         x: held-out inputs (a small subset: attacks are costly).
         y: integer labels.
-        attack: callable `attack(model, x, y) -> x_adv`; default PGD-10 L-inf
-            with `epsilon` and step `2.5 * epsilon / 10` from a random start.
+        attack: callable `attack(model, x, y) -> x_adv` (e.g. a tinyrobust
+            attack with one eps); default `attacks.PGD(epsilon, steps=10)`,
+            L-inf, step `epsilon / 4`, random start.
         epsilon: radius of the default attack.
         every: evaluate every `every` epochs (and always on the last epoch).
         batch_size: examples per attack batch.
@@ -143,7 +143,7 @@ class RobustAccuracy(keras.callbacks.Callback):
         if len(self.x) == 0 or len(self.x) != len(self.y):
             raise ValueError(f"Expected non-empty `x` and `y` of equal length. Received: len(x)={len(self.x)}, len(y)={len(self.y)}")
         self.every = _check_epochs("every", every, allow_zero=False)
-        self.attack = attack or _DefaultPGD(epsilon)
+        self.attack = attack or attacks.PGD(epsilon, steps=10, rel_step_size=0.25)
         self.batch_size = batch_size
         self.name = name
         self._last = None
@@ -165,26 +165,3 @@ class RobustAccuracy(keras.callbacks.Callback):
         if logs is not None:
             logs[self.name] = self._last
 
-
-class _DefaultPGD:
-    """PGD-10 L-inf from a random start, compiled once per model."""
-
-    def __init__(self, epsilon, steps=10):
-        self.epsilon, self.steps = float(epsilon), steps
-        self._compiled = {}
-
-    def __call__(self, model, x, y):
-        import tensorflow as tf
-
-        key = id(model)
-        if key not in self._compiled:
-            seed = keras.random.SeedGenerator(0)
-
-            @tf.function
-            def run(x, y):
-                loss_fn = lambda z: kernels.cross_entropy(model(z, training=False), y)  # noqa: E731
-                start = kernels.random_start(x, self.epsilon, "linf", seed=seed)
-                return kernels.pgd(loss_fn, x, self.epsilon, 2.5 * self.epsilon / self.steps, self.steps, "linf", start)
-
-            self._compiled[key] = run
-        return self._compiled[key](tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(y))
