@@ -2,22 +2,21 @@
 any callable, e.g. a TFLite interpreter wrapped as a function."""
 
 import numpy as np
+import tensorflow as tf
 
-from tinyrobust.attacks.base import Attack, AttackResult, check_number, labels_of, predict
+from tinyrobust.attacks import kernels
+from tinyrobust.attacks.base import Attack, AttackResult, labels_of, predict
+from tinyrobust.validation import check_number
 
 __all__ = ["Square", "Transfer"]
 
 
 def _margin(outputs, y, targeted):
-    """Margin to minimise: positive while the attack has not succeeded."""
+    """Margin to minimise (`kernels.margin`, negated when targeted): positive while the attack has not succeeded."""
     if outputs.ndim != 2:
         raise ValueError(f"Score-based attacks need logits of shape (batch, classes). Received: shape={outputs.shape}")
-    rows = np.arange(len(y))
-    chosen = outputs[rows, y]
-    others = outputs.copy()
-    others[rows, y] = -np.inf
-    best_other = others.max(axis=1)
-    return best_other - chosen if targeted else chosen - best_other
+    value = kernels.margin(tf.constant(outputs, tf.float32), tf.constant(y, tf.int32)).numpy()
+    return -value if targeted else value
 
 
 def _square_fraction(p_init, iteration, budget):
