@@ -4,7 +4,16 @@ Importing the package imports TensorFlow/Keras and defines classes; it does no
 other work.
 """
 
-from tinyrobust import attacks, callbacks, data, jacobian, layers, models, quantizers, training
+from tinyrobust import (
+    attacks,
+    callbacks,
+    data,
+    jacobian,
+    layers,
+    models,
+    quantizers,
+    training,
+)
 from tinyrobust.footprint import summary
 from tinyrobust.jacobian import JacobianRegularizer
 from tinyrobust.training import AdversarialTraining, RobustModel

@@ -11,15 +11,9 @@ import numpy as np
 from keras import ops
 
 from tinyrobust import attacks, quantizers
+from tinyrobust.validation import check_number
 
 __all__ = ["JacobianWeightScheduler", "EpsilonScheduler", "QuantizationNoiseScheduler", "RobustAccuracy"]
-
-
-def _check_epochs(name, value, allow_zero=True):
-    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
-        raise ValueError(f"Expected `{name}` to be a {'non-negative' if allow_zero else 'positive'} integer. "
-                         f"Received: {name}={value!r}")
-    return value
 
 
 def _ramp(epoch, start_epoch, ramp_epochs, start, end):
@@ -37,8 +31,8 @@ class _RampScheduler(keras.callbacks.Callback):
 
     def __init__(self, ramp_epochs, start_epoch=0, start=0.0, end=1.0):
         super().__init__()
-        self.ramp_epochs = _check_epochs("ramp_epochs", ramp_epochs)
-        self.start_epoch = _check_epochs("start_epoch", start_epoch)
+        self.ramp_epochs = check_number("ramp_epochs", ramp_epochs, low=0, integer=True)
+        self.start_epoch = check_number("start_epoch", start_epoch, low=0, integer=True)
         self.start, self.end = float(start), float(end)
 
     def value(self, epoch):
@@ -104,8 +98,7 @@ class QuantizationNoiseScheduler(_RampScheduler):
 
     def __init__(self, ramp_epochs, start_epoch=0, start=1.0, end=0.0):
         for name, value in (("start", start), ("end", end)):
-            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"Expected `{name}` in [0, 1]. Received: {name}={value!r}")
+            check_number(name, value, low=0, high=1)
         super().__init__(ramp_epochs, start_epoch, start, end)
 
     def _variables(self):
@@ -142,7 +135,7 @@ class RobustAccuracy(keras.callbacks.Callback):
         self.x, self.y = np.asarray(x), np.asarray(y)
         if len(self.x) == 0 or len(self.x) != len(self.y):
             raise ValueError(f"Expected non-empty `x` and `y` of equal length. Received: len(x)={len(self.x)}, len(y)={len(self.y)}")
-        self.every = _check_epochs("every", every, allow_zero=False)
+        self.every = check_number("every", every, low=1, integer=True)
         self.attack = attack or attacks.PGD(epsilon, steps=10, rel_step_size=0.25)
         self.batch_size = batch_size
         self.name = name

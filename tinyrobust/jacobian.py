@@ -14,20 +14,16 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from tinyrobust.validation import check_number
+
 __all__ = ["frobenius_sq", "jacobian_norms", "JacobianRegularizer"]
 
 INPUT = "input"
 
 
 def _check_projections(num_projections):
-    if num_projections is None:
-        return None
-    if not isinstance(num_projections, int) or isinstance(num_projections, bool) or num_projections < 1:
-        raise ValueError(
-            "Expected `num_projections` to be a positive integer or None (exact). "
-            f"Received: num_projections={num_projections!r}"
-        )
-    return num_projections
+    """None (exact), or a positive integer."""
+    return None if num_projections is None else check_number("num_projections", num_projections, low=1, integer=True)
 
 
 def _per_example_sq_norm(gradient):

@@ -24,6 +24,8 @@ import keras
 import qkeras
 from keras import ops
 
+from tinyrobust.validation import check_number
+
 __all__ = [
     "Quantizer",
     "StochasticTernary",
@@ -59,24 +61,9 @@ def _check_alpha(alpha):
     )
 
 
-def _check_fraction(name, value, low_open=True, high_open=True):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        ok = (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
-    if not ok:
-        lo = "(0" if low_open else "[0"
-        hi = "1)" if high_open else "1]"
-        raise ValueError(f"Expected `{name}` to be a number in {lo}, {hi}. Received: {name}={value!r}")
-    return float(value)
-
-
 def _check_bits(bits, integer):
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16:
-        raise ValueError(f"Expected `bits` to be an integer in [2, 16]. Received: bits={bits!r}")
-    if not isinstance(integer, int) or isinstance(integer, bool) or not 0 <= integer < bits:
-        raise ValueError(
-            f"Expected `integer` to be an integer in [0, bits). Received: integer={integer!r}"
-        )
+    check_number("bits", bits, low=2, high=16, integer=True)
+    check_number("integer", integer, low=0, high=bits, high_open=True, integer=True)
 
 
 def _reduce_axes(rank, channel_axes):
@@ -126,11 +113,9 @@ class _ScaledQuantizer(Quantizer):
     def __init__(self, alpha="auto", stochasticity=1.0, seed=None, **kwargs):
         super().__init__(**kwargs)
         self.alpha = _check_alpha(alpha)
-        self.initial_stochasticity = _check_fraction(
-            "stochasticity", stochasticity, low_open=False, high_open=False
-        )
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise ValueError(f"Expected `seed` to be an integer or None. Received: seed={seed!r}")
+        self.initial_stochasticity = float(check_number("stochasticity", stochasticity, low=0, high=1))
+        if seed is not None:
+            check_number("seed", seed, integer=True)
         self.seed = seed
         if self.stochastic:
             self.seed_generator = keras.random.SeedGenerator(seed, name="seed_generator")
@@ -201,7 +186,7 @@ class StochasticTernary(_ScaledQuantizer):
     stochastic = True
 
     def __init__(self, threshold=0.33, alpha="auto", stochasticity=1.0, seed=None, **kwargs):
-        self.threshold = _check_fraction("threshold", threshold)
+        self.threshold = float(check_number("threshold", threshold, low=0, high=1, low_open=True, high_open=True))
         super().__init__(alpha=alpha, stochasticity=stochasticity, seed=seed, **kwargs)
 
     def _auto_scale(self, x, axes):

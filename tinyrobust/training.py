@@ -12,18 +12,11 @@ from keras import ops
 
 from tinyrobust.attacks import kernels
 from tinyrobust.jacobian import INPUT, JacobianRegularizer, jacobian_norms
+from tinyrobust.validation import check_choice, check_number, check_range
 
 __all__ = ["AdversarialTraining", "RobustModel"]
 
 METHODS = ("pgd", "trades", "fgsm_rs")
-
-
-def _positive(name, value, allow_zero=False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        kind = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"Expected `{name}` to be a {kind} number. Received: {name}={value!r}")
-    return float(value)
 
 
 @keras.saving.register_keras_serializable(package="tinyrobust")
@@ -50,20 +43,14 @@ class AdversarialTraining:
 
     def __init__(self, method="pgd", epsilon=8 / 255, steps=10, step_size=None, norm="linf", beta=6.0,
                  input_range=(0.0, 1.0), seed=None):
-        if method not in METHODS:
-            raise ValueError(f"Expected `method` to be one of {list(METHODS)}. Received: method={method!r}")
-        if norm not in kernels.NORMS:
-            raise ValueError(f"Expected `norm` to be one of {list(kernels.NORMS)}. Received: norm={norm!r}")
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"Expected `steps` to be a positive integer. Received: steps={steps!r}")
-        low, high = input_range
-        if not low < high:
-            raise ValueError(f"Expected `input_range` to be (low, high) with low < high. Received: input_range={input_range!r}")
-        self.method, self.norm, self.steps, self.seed = method, norm, steps, seed
-        self.epsilon = _positive("epsilon", epsilon, allow_zero=True)
-        self.step_size = None if step_size is None else _positive("step_size", step_size)
-        self.beta = _positive("beta", beta, allow_zero=True)
-        self.input_range = (float(low), float(high))
+        self.method = check_choice("method", method, METHODS)
+        self.norm = check_choice("norm", norm, kernels.NORMS)
+        self.steps = check_number("steps", steps, low=1, integer=True)
+        self.seed = seed
+        self.epsilon = float(check_number("epsilon", epsilon, low=0))
+        self.step_size = None if step_size is None else float(check_number("step_size", step_size, low=0, low_open=True))
+        self.beta = float(check_number("beta", beta, low=0))
+        self.input_range = check_range(input_range)
 
     def step_size_for(self, epsilon):
         """The step size used at radius `epsilon` (a tensor when scheduled)."""

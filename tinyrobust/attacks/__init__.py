@@ -9,7 +9,13 @@ traceable building blocks.
 from tinyrobust.attacks import kernels
 from tinyrobust.attacks.base import Attack, AttackResult
 from tinyrobust.attacks.blackbox import Square, Transfer
-from tinyrobust.attacks.evaluation import EOT, CheckReport, RobustnessReport, check_model, robust_accuracy
+from tinyrobust.attacks.evaluation import (
+    EOT,
+    CheckReport,
+    RobustnessReport,
+    check_model,
+    robust_accuracy,
+)
 from tinyrobust.attacks.gradient import APGD, FGSM, MIM, PGD, CarliniWagnerL2, DeepFool
 
 __all__ = [

@@ -7,25 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from tinyrobust.attacks import kernels
-
-
-def check_number(name, value, low=None, high=None, low_open=False, integer=False):
-    """Returns `value` if it is a number within bounds, else raises ValueError naming it."""
-    kinds = (int,) if integer else (int, float, np.integer, np.floating)
-    ok = isinstance(value, kinds) and not isinstance(value, bool)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value <= high
-    if not ok:
-        bound = ""
-        if low is not None:
-            bound += f" {'>' if low_open else '>='} {low}"
-        if high is not None:
-            bound += f"{' and' if bound else ''} <= {high}"
-        raise ValueError(f"Expected `{name}` to be a{'n integer' if integer else ' number'}{bound}. "
-                         f"Received: {name}={value!r}")
-    return value
+from tinyrobust.validation import check_choice, check_number, check_range
 
 
 def check_epsilons(eps):
@@ -37,22 +19,6 @@ def check_epsilons(eps):
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or value < 0:
             raise ValueError(f"Expected `eps` to be non-negative numbers. Received: eps={eps!r}")
     return tuple(float(v) for v in values)
-
-
-def check_norm(norm, allowed=kernels.NORMS):
-    if norm not in allowed:
-        raise ValueError(f"Expected `norm` to be one of {list(allowed)}. Received: norm={norm!r}")
-    return norm
-
-
-def check_range(input_range):
-    try:
-        low, high = (float(v) for v in input_range)
-    except (TypeError, ValueError):
-        low = high = None
-    if low is None or not low < high:
-        raise ValueError(f"Expected `input_range` to be (low, high) with low < high. Received: input_range={input_range!r}")
-    return (low, high)
 
 
 def logits_function(model):
@@ -113,7 +79,7 @@ class Attack:
 
     def __init__(self, eps, norm="linf", targeted=False, input_range=(0.0, 1.0), seed=0):
         self.epsilons = check_epsilons(eps)
-        self.norm = check_norm(norm, self.norms)
+        self.norm = check_choice("norm", norm, self.norms)
         self.targeted = bool(targeted)
         self.input_range = check_range(input_range)
         self.seed = check_number("seed", seed, low=0, integer=True)

@@ -10,7 +10,8 @@ import numpy as np
 import tensorflow as tf
 
 from tinyrobust.attacks import blackbox, gradient, kernels
-from tinyrobust.attacks.base import Attack, check_number, labels_of, logits_function, predict
+from tinyrobust.attacks.base import Attack, labels_of, logits_function, predict
+from tinyrobust.validation import check_number
 
 __all__ = ["EOT", "RobustnessReport", "robust_accuracy", "CheckReport", "check_model"]
 

@@ -11,7 +11,8 @@ import tensorflow as tf
 from keras import ops
 
 from tinyrobust.attacks import kernels
-from tinyrobust.attacks.base import Attack, check_number, labels_of, logits_function, predict
+from tinyrobust.attacks.base import Attack, labels_of, logits_function, predict
+from tinyrobust.validation import check_number
 
 __all__ = ["PGD", "FGSM", "MIM", "APGD", "CarliniWagnerL2", "DeepFool"]
 

@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from tinyrobust.data import fashion_mnist
+from tinyrobust.validation import check_choice
 
 __all__ = ["DatasetInfo", "info", "load", "load_arrays", "calibration_set", "NAMES"]
 
@@ -58,11 +59,6 @@ def info(name):
     return _INFO[name]
 
 
-def _check_split(split):
-    if split not in SPLITS:
-        raise ValueError(f"Expected `split` to be one of {list(SPLITS)}. Received: split={split!r}")
-
-
 def _validation_indices(n, fraction, seed):
     order = np.random.default_rng(seed).permutation(n)
     return order[: int(round(n * fraction))], order[int(round(n * fraction)):]
@@ -83,7 +79,7 @@ def load_arrays(name, split, validation_fraction=0.1, limit=None, seed=0):
         `(x, y)` with x of shape (N, *input_shape) and y int32 labels.
     """
     dataset_info = info(name)
-    _check_split(split)
+    check_choice("split", split, SPLITS)
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(
             f"Expected `validation_fraction` in [0, 1). Received: validation_fraction={validation_fraction!r}"
