@@ -6,14 +6,17 @@ epoch number alone, which keeps resumed runs (`keras.callbacks.BackupAndRestore`
 on the same schedule.
 """
 
+import json
+import pathlib
+
 import keras
 import numpy as np
 from keras import ops
 
-from tinyrobust import attacks, quantizers
+from tinyrobust import attacks, export, quantizers
 from tinyrobust.validation import check_number
 
-__all__ = ["JacobianWeightScheduler", "EpsilonScheduler", "QuantizationNoiseScheduler", "RobustAccuracy"]
+__all__ = ["JacobianWeightScheduler", "EpsilonScheduler", "QuantizationNoiseScheduler", "RobustAccuracy", "TFLiteExport"]
 
 
 def _ramp(epoch, start_epoch, ramp_epochs, start, end):
@@ -158,3 +161,63 @@ class RobustAccuracy(keras.callbacks.Callback):
         if logs is not None:
             logs[self.name] = self._last
 
+
+
+class TFLiteExport(keras.callbacks.Callback):
+    """Exports the best model to int8 TFLite at the end of training and verifies it.
+
+    Keeps the weights of the best epoch by `monitor` (or the final weights
+    when `monitor` is None), exports them with `tinyrobust.export.to_tflite`,
+    writes the C array and a parity report (`<name>.parity.json`) next to the
+    `.tflite` file, and leaves the model's final weights in place. The report
+    is also kept as `self.report`.
+
+    Args:
+        out_dir: directory for `<name>.tflite`, `<name>.h/.cc` and the report.
+        representative_data: calibration inputs from the train split.
+        validation_data: `(x, y)` arrays on which parity is measured.
+        monitor: log key choosing the best epoch (e.g. "val_accuracy",
+            "robust_accuracy"), or None for the last epoch.
+        mode: "max" or "min" for `monitor`.
+        name: base file name and C array name.
+    """
+
+    def __init__(self, out_dir, representative_data, validation_data, monitor=None, mode="max", name="model"):
+        super().__init__()
+        if mode not in ("max", "min"):
+            raise ValueError(f"Expected `mode` to be 'max' or 'min'. Received: mode={mode!r}")
+        if not isinstance(validation_data, tuple) or len(validation_data) != 2:
+            raise ValueError("Expected `validation_data` to be an (x, y) tuple. "
+                             f"Received: validation_data of type {type(validation_data).__name__}")
+        self.out_dir = pathlib.Path(out_dir)
+        self.representative_data = representative_data
+        self.validation_data = validation_data
+        self.monitor, self.mode, self.name = monitor, mode, name
+        self.best, self.best_epoch, self._best_weights = None, None, None
+        self.report = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.monitor is None:
+            return
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            raise ValueError(f"TFLiteExport monitors {self.monitor!r}, which is not in the logs: {sorted(logs or {})}. "
+                             f"Received: monitor={self.monitor!r}")
+        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        if better:
+            self.best, self.best_epoch = float(value), epoch
+            self._best_weights = self.model.get_weights()
+
+    def on_train_end(self, logs=None):
+        final_weights = self.model.get_weights()
+        if self._best_weights is not None:
+            self.model.set_weights(self._best_weights)
+        try:
+            path = export.to_tflite(self.model, self.out_dir / f"{self.name}.tflite", self.representative_data)
+            export.to_c_array(path, self.out_dir, self.name)
+            self.report = export.verify(self.model, path, self.validation_data)
+            record = {"best_epoch": self.best_epoch, "monitor": self.monitor, "best": self.best,
+                      **self.report.to_dict()}
+            (self.out_dir / f"{self.name}.parity.json").write_text(json.dumps(record, indent=2) + "\n")
+        finally:
+            self.model.set_weights(final_weights)

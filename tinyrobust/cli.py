@@ -34,6 +34,33 @@ def _demo(args):
     return 0
 
 
+def _export(args):
+    import json
+    import pathlib
+
+    import keras
+
+    import tinyrobust as tr
+
+    model_path = pathlib.Path(args.model)
+    if not model_path.is_file():
+        raise FileNotFoundError(f"No model at {args.model!r}. Received: model={args.model!r}")
+    model = keras.saving.load_model(model_path)
+    calibration, indices = tr.data.calibration_set(args.dataset, size=args.calibration_size, seed=args.seed)
+    x_test, y_test = tr.data.load_arrays(args.dataset, "test", limit=args.parity_size)
+    out = pathlib.Path(args.out)
+    name = args.name or model_path.stem.replace("-", "_").replace(".", "_")
+    path = tr.export.to_tflite(model, out / f"{name}.tflite", calibration)
+    tr.export.to_c_array(path, out, name)
+    report = tr.export.verify(model, path, (x_test, y_test))
+    record = {"model": str(model_path), "dataset": args.dataset, "calibration_indices": [int(i) for i in indices],
+              **report.to_dict()}
+    (out / f"{name}.parity.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(report.to_table())
+    print(f"\nWrote {path}, {out / (name + '.h')}, {out / (name + '.cc')} and {out / (name + '.parity.json')}")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="tinyrobust", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +71,16 @@ def build_parser():
     demo.add_argument("--limit", type=int, default=None, help="train on the first N training images")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+    export = commands.add_parser("export", help="export a .keras model to int8 TFLite (Micro), C array and parity report")
+    export.add_argument("model", help="path of a .keras model")
+    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--dataset", default="fashion_mnist",
+                        help="data set for calibration (train split) and parity (test split)")
+    export.add_argument("--name", default=None, help="file and C array name (default: the model file's stem)")
+    export.add_argument("--calibration-size", type=int, default=500)
+    export.add_argument("--parity-size", type=int, default=1000)
+    export.add_argument("--seed", type=int, default=0)
+    export.set_defaults(run=_export)
     return parser
 
 

@@ -26,7 +26,7 @@ def small_cnn(num_classes=10, quantization="float", input_shape=(28, 28, 1), wid
     h = inputs
     for i, (filters, stride) in enumerate([(width, 1), (2 * width, 2), (4 * width, 2)], start=1):
         h = build.conv(filters, 3, strides=stride, padding="same", use_bias=False, name=f"conv_{i}", edge=i == 1)(h)
-        h = keras.layers.BatchNormalization(name=f"bn_{i}")(h)
+        h = keras.layers.BatchNormalization(momentum=0.9, name=f"bn_{i}")(h)
         h = build.relu(f"relu_{i}")(h)
     h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
     outputs = build.dense(num_classes, name="logits", edge=True)(h)

@@ -1,0 +1,37 @@
+"""Export to TFLite and TFLite Micro, and check the exported model.
+
+`to_tflite` folds quantizers and batch norms into a plain Keras clone and
+converts it to a full-integer int8 `.tflite`; `TFLiteModel` runs it in the
+TFLite Micro Python interpreter (or LiteRT) as a float-in, logits-out
+callable; `verify` reports parity with the Keras model; `to_c_array` writes
+the C source for firmware.
+"""
+
+from tinyrobust.export.c_array import to_c_array
+from tinyrobust.export.fold import (
+    FoldedBatchNorm,
+    distinct_values_per_channel,
+    fold_model,
+)
+from tinyrobust.export.parity import ParityReport, verify
+from tinyrobust.export.tflite import (
+    RUNTIMES,
+    TFLiteModel,
+    kernel_values_per_channel,
+    operator_names,
+    to_tflite,
+)
+
+__all__ = [
+    "FoldedBatchNorm",
+    "ParityReport",
+    "RUNTIMES",
+    "TFLiteModel",
+    "distinct_values_per_channel",
+    "fold_model",
+    "kernel_values_per_channel",
+    "operator_names",
+    "to_c_array",
+    "to_tflite",
+    "verify",
+]
