@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -58,3 +60,103 @@ def test_tinyrobust_data_env_is_searched(monkeypatch, tmp_path):
 def test_bad_arguments(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.fixture
+def mock_tfds():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
+        yield
+
+
+@pytest.mark.parametrize("name, shape", [("cifar10", (32, 32, 3)), ("svhn", (32, 32, 3))])
+def test_tfds_image_sets_with_mock_data(mock_tfds, name, shape):
+    x, y = data.load_arrays(name, "test")
+    assert x.shape == (24,) + shape and x.dtype == np.float32
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    assert set(np.unique(y)) <= set(range(10)) and y.dtype == np.int32
+    assert data.info(name).input_shape == shape and data.info(name).num_classes == 10
+    train, _ = data.load_arrays(name, "train", validation_fraction=0.25)
+    validation, _ = data.load_arrays(name, "validation", validation_fraction=0.25)
+    assert len(train) == 18 and len(validation) == 6
+    batches = list(data.load(name, "train", batch_size=8, augment=True, seed=1))
+    assert [tuple(b[0].shape) for b in batches] == [(8,) + shape] * 2 + [(6,) + shape]  # 22 train examples
+    again = list(data.load(name, "train", batch_size=8, augment=True, seed=1))
+    np.testing.assert_array_equal(batches[0][0], again[0][0])
+
+
+def test_speech_commands_with_mock_data(mock_tfds):
+    x, y = data.load_arrays("speech_commands", "validation")
+    assert x.shape == (24, 49, 10, 1) and x.dtype == np.float32
+    low, high = data.info("speech_commands").input_range
+    assert low <= x.min() and x.max() <= high
+    assert set(np.unique(y)) <= set(range(12)) and data.info("speech_commands").num_classes == 12
+    assert data.info("speech_commands").class_names[-2:] == ("_silence_", "_unknown_")
+    (xb, yb), = list(data.load("speech_commands", "train", batch_size=24, augment=True))
+    assert xb.shape == (24, 49, 10, 1)
+
+
+def test_mfcc_front_end_shape_and_bound():
+    from tinyrobust.data import audio
+
+    rng = np.random.default_rng(0)
+    clips = (rng.uniform(-1, 1, (2, 16000)) * 32767).astype(np.int16)
+    assert audio.mfcc(clips).shape == (2, 49, 10, 1)
+    short = audio.mfcc(np.zeros((1, 9000), np.float32))
+    assert short.shape == (1, 49, 10, 1)
+    loud = audio.mfcc(np.sign(rng.normal(size=(1, 16000))).astype(np.float32)).numpy()
+    silent = short.numpy()
+    assert np.abs(loud).max() <= audio.MFCC_BOUND and np.abs(silent).max() <= audio.MFCC_BOUND
+    # The first coefficient tracks loudness.
+    assert loud[..., 0, 0].mean() > silent[..., 0, 0].mean() + 50
+
+
+@pytest.fixture
+def small_synthetic_kws(monkeypatch, tmp_path):
+    from tinyrobust.data import synthetic_kws
+
+    monkeypatch.setenv("TINYROBUST_DATA", str(tmp_path))
+    monkeypatch.setattr(synthetic_kws.read, "__defaults__", (synthetic_kws.Config(4, 2, 0),))
+    return tmp_path / "synthetic_kws" / synthetic_kws.Config(4, 2, 0).key()
+
+
+def test_synthetic_kws_generates_once_and_checks_its_cache(small_synthetic_kws):
+    from tinyrobust.data import synthetic_kws
+
+    x, y = data.load_arrays("synthetic_kws", "test")
+    assert x.shape == (24, 49, 10, 1) and sorted(np.bincount(y)) == [2] * 12
+    manifest = json.loads((small_synthetic_kws / "manifest.json").read_text())
+    assert len(manifest["clips"]) == 12 * 6 and manifest["labels"][0] == "down"
+    speakers = {c.get("variant", c.get("voice")) for c in manifest["clips"] if c["split"] == "test" and "voice" in c}
+    assert speakers <= set(synthetic_kws.TEST_VARIANTS + synthetic_kws.TEST_FLITE_VOICES)
+    stamp = (small_synthetic_kws / "clips.npz").stat().st_mtime_ns
+    train, _ = data.load_arrays("synthetic_kws", "train", validation_fraction=0.0)
+    assert len(train) == 48 and (small_synthetic_kws / "clips.npz").stat().st_mtime_ns == stamp
+    # Words are audible: a word clip is louder than silence on average.
+    raw, labels = data.load_raw("synthetic_kws", "train", validation_fraction=0.0)
+    rms = np.sqrt(np.mean(raw.astype(np.float64) ** 2, axis=1))
+    assert rms[labels < 10].mean() > rms[labels == 10].mean()
+    # A corrupted archive fails its checksum and is regenerated identically.
+    with open(small_synthetic_kws / "clips.npz", "ab") as f:
+        f.write(b"garbage")
+    assert not synthetic_kws.is_valid(small_synthetic_kws)
+    x_again, _ = data.load_arrays("synthetic_kws", "test")
+    np.testing.assert_array_equal(x_again, x)
+
+
+def test_calibration_set_records_indices_for_audio(small_synthetic_kws):
+    x, indices = data.calibration_set("synthetic_kws", size=5, seed=1)
+    train, _ = data.load_arrays("synthetic_kws", "train", seed=1)
+    np.testing.assert_allclose(x, train[indices], atol=1e-5)
+
+
+def test_image_augmentation_is_seeded_and_changes_each_epoch():
+    dataset = data.load("fashion_mnist", "train", batch_size=16, limit=16, augment=True, shuffle=False, seed=3)
+    first, second = [next(iter(dataset))[0].numpy() for _ in range(2)]
+    plain = next(iter(data.load("fashion_mnist", "train", batch_size=16, limit=16, shuffle=False)))[0].numpy()
+    assert not np.array_equal(first, plain) and not np.array_equal(first, second)
+    again = next(iter(data.load("fashion_mnist", "train", batch_size=16, limit=16, augment=True, shuffle=False,
+                                seed=3)))[0].numpy()
+    np.testing.assert_array_equal(first, again)
+    assert 0.0 <= first.min() and first.max() <= 1.0

@@ -1,17 +1,25 @@
-"""Datasets as `tf.data.Dataset`s of `(x, y)` with inputs scaled to [0, 1].
+"""Datasets as `tf.data.Dataset`s of `(x, y)`.
 
 `load(name, split, batch_size)` is the one entry point; `info(name)` describes
-a dataset. Splits are "train", "validation" (a seeded, fixed hold-out of the
-training data) and "test".
+a dataset (input shape, classes, input range). Image inputs are scaled to
+[0, 1]; keyword-spotting inputs are the MLPerf Tiny MFCCs (49x10x1), whose
+range `info(name).input_range` bounds. Splits are "train", "validation" and
+"test"; "validation" is the data set's own validation split where it has one
+(Speech Commands), else a seeded, fixed hold-out of the training data.
+
+Names: `fashion_mnist` (local files, offline), `cifar10`, `svhn`
+(tfds `svhn_cropped`), `speech_commands` (tfds, 12 classes),
+`synthetic_kws` (spoken keywords synthesised offline with espeak-ng and flite).
 """
 
 import dataclasses
 
+import keras
 import numpy as np
 import tensorflow as tf
 
-from tinyrobust.data import fashion_mnist
-from tinyrobust.validation import check_choice
+from tinyrobust.data import audio, fashion_mnist, synthetic_kws, tfds_sets
+from tinyrobust.validation import check_choice, check_number
 
 __all__ = ["DatasetInfo", "info", "load", "load_arrays", "calibration_set", "NAMES"]
 
@@ -28,6 +36,9 @@ class DatasetInfo:
         num_classes: number of labels.
         input_range: (low, high) of the inputs.
         class_names: label names.
+        kind: "image" or "audio".
+        flip: whether horizontal flips are a valid augmentation.
+        native_validation: the data set has its own validation split.
     """
 
     name: str
@@ -35,13 +46,29 @@ class DatasetInfo:
     num_classes: int
     input_range: tuple = (0.0, 1.0)
     class_names: tuple = ()
+    kind: str = "image"
+    flip: bool = False
+    native_validation: bool = False
 
 
+_KWS_RANGE = (-float(audio.MFCC_BOUND), float(audio.MFCC_BOUND))
 _INFO = {
     "fashion_mnist": DatasetInfo(
         "fashion_mnist", (28, 28, 1), 10,
         class_names=("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                      "ankle-boot"),
+    ),
+    "cifar10": DatasetInfo(
+        "cifar10", (32, 32, 3), 10, flip=True,
+        class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    ),
+    "svhn": DatasetInfo("svhn", (32, 32, 3), 10, class_names=tuple(str(d) for d in range(10))),
+    "speech_commands": DatasetInfo(
+        "speech_commands", (audio.FRAMES, audio.NUM_MFCC, 1), 12, _KWS_RANGE, audio.LABELS, kind="audio",
+        native_validation=True,
+    ),
+    "synthetic_kws": DatasetInfo(
+        "synthetic_kws", (audio.FRAMES, audio.NUM_MFCC, 1), 12, _KWS_RANGE, audio.LABELS, kind="audio",
     ),
 }
 
@@ -59,46 +86,99 @@ def info(name):
     return _INFO[name]
 
 
+def _read_raw(name, split):
+    """Undecoded inputs of a stored split: uint8 images or int16 clips, and int32 labels."""
+    if name == "fashion_mnist":
+        images, labels = fashion_mnist.read(split)
+        return images[..., None], labels.astype(np.int32)
+    if name == "cifar10":
+        return tfds_sets.read_images("cifar10", split)
+    if name == "svhn":
+        return tfds_sets.read_images("svhn_cropped", split)
+    if name == "speech_commands":
+        return tfds_sets.read_speech_commands(split)
+    return synthetic_kws.read(split)
+
+
 def _validation_indices(n, fraction, seed):
     order = np.random.default_rng(seed).permutation(n)
     return order[: int(round(n * fraction))], order[int(round(n * fraction)):]
 
 
+def load_raw(name, split, validation_fraction=0.1, limit=None, seed=0):
+    """A split before feature extraction: uint8 images or int16 1 s clips, and labels.
+
+    Args: as `load_arrays`.
+
+    Returns:
+        `(raw, y)`: uint8 (N, H, W, C) images or int16 (N, 16000) clips, and
+        int32 labels.
+    """
+    dataset_info = info(name)
+    check_choice("split", split, SPLITS)
+    check_number("validation_fraction", validation_fraction, low=0.0, high=1.0, high_open=True)
+    if limit is not None:
+        check_number("limit", limit, low=1, integer=True)
+    if dataset_info.native_validation or split == "test":
+        raw, labels = _read_raw(name, split)
+    else:
+        raw, labels = _read_raw(name, "train")
+        held_out, kept = _validation_indices(len(labels), validation_fraction, seed)
+        index = np.sort(held_out if split == "validation" else kept)
+        raw, labels = raw[index], labels[index]
+    if limit is not None:
+        raw, labels = raw[:limit], labels[:limit]
+    return raw, labels
+
+
+def features(name, raw):
+    """Model inputs from raw examples: images scaled to [0, 1], clips to MFCCs (tensors in, tensors out)."""
+    if info(name).kind == "audio":
+        return audio.mfcc(raw)
+    return tf.cast(raw, tf.float32) / 255.0
+
+
 def load_arrays(name, split, validation_fraction=0.1, limit=None, seed=0):
-    """Loads a split as numpy arrays `(x, y)`, x float32 in the input range.
+    """Loads a split as numpy arrays `(x, y)`.
 
     Args:
         name: dataset name (see `NAMES`).
         split: "train", "validation" or "test".
         validation_fraction: fraction of the training data held out as
-            "validation" (fixed by `seed`, disjoint from "train").
+            "validation" (fixed by `seed`, disjoint from "train"); unused for
+            data sets with their own validation split.
         limit: keep the first `limit` examples (after the split), or None.
         seed: seed of the train/validation partition.
 
     Returns:
-        `(x, y)` with x of shape (N, *input_shape) and y int32 labels.
+        `(x, y)` with x float32 of shape (N, *input_shape) within the input
+        range and y int32 labels.
     """
-    dataset_info = info(name)
-    check_choice("split", split, SPLITS)
-    if not 0.0 <= validation_fraction < 1.0:
-        raise ValueError(
-            f"Expected `validation_fraction` in [0, 1). Received: validation_fraction={validation_fraction!r}"
-        )
-    if limit is not None and (not isinstance(limit, int) or limit <= 0):
-        raise ValueError(f"Expected `limit` to be a positive integer or None. Received: limit={limit!r}")
-    images, labels = fashion_mnist.read("test" if split == "test" else "train")
-    if split != "test":
-        held_out, kept = _validation_indices(len(labels), validation_fraction, seed)
-        index = np.sort(held_out if split == "validation" else kept)
-        images, labels = images[index], labels[index]
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    x = images.reshape((-1, *dataset_info.input_shape)).astype("float32") / 255.0
-    return x, labels.astype("int32")
+    raw, labels = load_raw(name, split, validation_fraction, limit, seed)
+    if info(name).kind == "audio":
+        return audio.mfcc_arrays(raw), labels
+    return (raw.astype(np.float32) / 255.0).reshape((-1, *info(name).input_shape)), labels
+
+
+class _ImageAugmentation:
+    """MLPerf Tiny's image augmentation: rotation up to 15 degrees, shifts up to 10%, horizontal flip."""
+
+    def __init__(self, flip, seed):
+        self.layers = [
+            keras.layers.RandomRotation(15 / 360, fill_mode="nearest", seed=seed),
+            keras.layers.RandomTranslation(0.1, 0.1, fill_mode="nearest", seed=seed + 1),
+        ]
+        if flip:
+            self.layers.append(keras.layers.RandomFlip("horizontal", seed=seed + 2))
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x, training=True)
+        return x
 
 
 def load(name, split, batch_size=32, shuffle=None, seed=0, validation_fraction=0.1, limit=None, cache=True,
-         drop_remainder=False):
+         drop_remainder=False, augment=False):
     """Loads a split as a batched `tf.data.Dataset` of `(x, y)`.
 
     Args:
@@ -106,24 +186,41 @@ def load(name, split, batch_size=32, shuffle=None, seed=0, validation_fraction=0
         split: "train", "validation" or "test".
         batch_size: examples per batch.
         shuffle: shuffle every epoch with `seed`; defaults to True for "train".
-        seed: seed of the shuffling and of the train/validation partition.
+        seed: seed of the shuffling, the augmentation and the train/validation
+            partition.
         validation_fraction: fraction of the training data held out.
         limit: keep the first `limit` examples, or None.
         cache: cache the decoded examples in memory.
         drop_remainder: drop the last incomplete batch.
+        augment: apply MLPerf Tiny's augmentation (images: rotation, shift,
+            flip where valid; audio: background noise before the MFCCs).
 
     Returns:
         A `tf.data.Dataset` yielding `(x, y)` batches, prefetched.
     """
-    if not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"Expected `batch_size` to be a positive integer. Received: batch_size={batch_size!r}")
-    x, y = load_arrays(name, split, validation_fraction=validation_fraction, limit=limit, seed=seed)
-    dataset = tf.data.Dataset.from_tensor_slices((x, y))
+    check_number("batch_size", batch_size, low=1, integer=True)
+    dataset_info = info(name)
+    if augment and dataset_info.kind == "audio":
+        raw, y = load_raw(name, split, validation_fraction, limit, seed)
+        dataset = tf.data.Dataset.from_tensor_slices((raw, y))
+    else:
+        x, y = load_arrays(name, split, validation_fraction=validation_fraction, limit=limit, seed=seed)
+        dataset = tf.data.Dataset.from_tensor_slices((x, y))
     if cache:
         dataset = dataset.cache()
     if split == "train" if shuffle is None else shuffle:
         dataset = dataset.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    if augment:
+        if dataset_info.kind == "audio":
+            seeds = tf.data.Dataset.random(seed=seed).batch(2)
+            dataset = tf.data.Dataset.zip((dataset, seeds)).map(
+                lambda batch, s: (audio.mfcc(audio.add_background_noise(audio.to_float(batch[0]), s)), batch[1]),
+                num_parallel_calls=tf.data.AUTOTUNE)
+        else:
+            augmentation = _ImageAugmentation(dataset_info.flip, seed)
+            dataset = dataset.map(lambda x, y: (augmentation(x), y))
+    return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def calibration_set(name, size=200, seed=0):
@@ -137,8 +234,9 @@ def calibration_set(name, size=200, seed=0):
     Returns:
         `(x, indices)`: the inputs and their indices within the "train" split.
     """
-    x, _ = load_arrays(name, "train", seed=seed)
-    if not isinstance(size, int) or not 0 < size <= len(x):
-        raise ValueError(f"Expected `size` in [1, {len(x)}]. Received: size={size!r}")
-    indices = np.sort(np.random.default_rng(seed).choice(len(x), size=size, replace=False))
-    return x[indices], indices
+    raw, _ = load_raw(name, "train", seed=seed)
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= len(raw):
+        raise ValueError(f"Expected `size` in [1, {len(raw)}]. Received: size={size!r}")
+    indices = np.sort(np.random.default_rng(seed).choice(len(raw), size=size, replace=False))
+    x = features(name, raw[indices])
+    return np.asarray(x).reshape((-1, *info(name).input_shape)), indices
