@@ -2,35 +2,56 @@
 
 import argparse
 import os
+import pathlib
 import sys
 import time
 
 
 def _quiet_tensorflow():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")  # retracing notices from per-shape attack functions
+
+
+EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _bench(args):
+    from tinyrobust import bench
+
+    config = bench.load(args.experiment, profile=args.profile)
+    out = pathlib.Path(args.out or pathlib.Path("runs") / config["name"] / (args.profile or "base"))
+    command = "tinyrobust " + " ".join(args.argv)
+    start = time.perf_counter()
+    results = bench.run(config, out, command=command, verbose=not args.quiet)
+    print("\n" + bench.table(results))
+    print(f"Results: {out / 'results'}  Report: {out / 'report.md'}  Plots: {out / 'plots'}  "
+          f"({time.perf_counter() - start:.0f} s)")
+    return 0
 
 
 def _demo(args):
-    import keras
+    args.experiment = str(EXPERIMENTS / "fashion_mnist_tiny.toml")
+    args.argv = ["bench", args.experiment, "--profile", args.profile] + (["--out", args.out] if args.out else [])
+    return _bench(args)
 
-    import tinyrobust as tr
 
-    keras.utils.set_random_seed(args.seed)
-    train = tr.data.load("fashion_mnist", "train", batch_size=args.batch_size, seed=args.seed, limit=args.limit)
-    test = tr.data.load("fashion_mnist", "test", batch_size=256)
-    model = tr.models.small_cnn(quantization=args.quantization)
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    print(f"Training {model.name} on Fashion-MNIST for {args.epochs} epoch(s) (seed {args.seed})")
-    start = time.perf_counter()
-    model.fit(train, epochs=args.epochs, verbose=2)
-    seconds = time.perf_counter() - start
-    _, accuracy = model.evaluate(test, verbose=0)
-    print(f"\nClean test accuracy: {accuracy:.4f} (10,000 test images; training took {seconds:.0f} s)\n")
-    tr.summary(model)
+def _report(args):
+    from tinyrobust import bench
+    from tinyrobust.bench import runner
+
+    results = bench.read_all(args.folder)
+    path = runner.write_report(results, args.folder)
+    print(bench.table(results))
+    print(f"Wrote {path} and {pathlib.Path(args.folder) / 'plots'}")
+    return 0
+
+
+def _compare(args):
+    from tinyrobust import bench
+
+    print(bench.compare(bench.read_all(args.a), bench.read_all(args.b)))
     return 0
 
 
@@ -64,13 +85,25 @@ def _export(args):
 def build_parser():
     parser = argparse.ArgumentParser(prog="tinyrobust", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train a small quantized CNN on Fashion-MNIST and show its footprint")
-    demo.add_argument("--quantization", default="stq", help="float, int8, int4, stb or stq (default: stq)")
-    demo.add_argument("--epochs", type=int, default=1)
-    demo.add_argument("--batch-size", type=int, default=64)
-    demo.add_argument("--limit", type=int, default=None, help="train on the first N training images")
-    demo.add_argument("--seed", type=int, default=0)
+    bench = commands.add_parser("bench", help="run an experiment file: train, attack, export, report")
+    bench.add_argument("experiment", help="experiment TOML file (see experiments/)")
+    bench.add_argument("--profile", default=None, help="profile defined in the file: smoke, demo, quick, full, ...")
+    bench.add_argument("--out", default=None, help="output folder (default: runs/<experiment>/<profile>)")
+    bench.add_argument("--quiet", action="store_true", help="no progress output")
+    bench.set_defaults(run=_bench)
+    demo = commands.add_parser("demo", help="the fashion_mnist_tiny experiment: float vs STQ vs STQ+JR under "
+                                            "FGSM, PGD and Square, exported to TFLite Micro (~10 min on 2 cores)")
+    demo.add_argument("--profile", default="demo", help="profile of experiments/fashion_mnist_tiny.toml")
+    demo.add_argument("--out", default=None)
+    demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(run=_demo)
+    report = commands.add_parser("report", help="rebuild report.md and plots from the result JSON files in FOLDER")
+    report.add_argument("folder")
+    report.set_defaults(run=_report)
+    compare = commands.add_parser("compare", help="show two result folders side by side")
+    compare.add_argument("a")
+    compare.add_argument("b")
+    compare.set_defaults(run=_compare)
     export = commands.add_parser("export", help="export a .keras model to int8 TFLite (Micro), C array and parity report")
     export.add_argument("model", help="path of a .keras model")
     export.add_argument("--out", required=True, help="output directory")
@@ -87,7 +120,9 @@ def build_parser():
 def main(argv=None):
     """Runs the command line; returns the exit code."""
     _quiet_tensorflow()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as error:

@@ -1,0 +1,144 @@
+import json
+import pathlib
+
+import pytest
+
+from tinyrobust import bench, cli
+from tinyrobust.bench import results as results_lib
+
+EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "e.toml"
+    path.write_text(text)
+    return path
+
+
+BASE = """
+dataset = "fashion_mnist"
+[[models]]
+name = "m"
+architecture = "small_cnn"
+quantization = "stq"
+options = { width = 4 }
+[threat_models.linf]
+epsilons = [0.05]
+examples = 16
+attacks = { fgsm = { type = "FGSM" } }
+"""
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (BASE + "\nbogus = 1\n", "Unknown key 'bogus'"),
+        (BASE.replace('quantization = "stq"', 'quantization = "stq"\nepochs = 3'), "models\\[0\\].'epochs'"),
+        (BASE.replace('"FGSM"', '"Nope"'), "threat_models.linf.attacks.fgsm.type='Nope'"),
+        (BASE.replace("[0.05]", "[1.5]"), "threat_models.linf.epsilons=1.5"),
+        (BASE.replace("[0.05]", "[-0.1]"), "threat_models.linf.epsilons=-0.1"),
+        (BASE.replace('{ type = "FGSM" }', '{ type = "PGD", steps = 0 }'), "steps=0"),
+        (BASE.replace('{ type = "FGSM" }', '{ type = "PGD", stepz = 3 }'), "'stepz'"),
+        (BASE.replace('"small_cnn"', '"lenet"'), "architecture='lenet'"),
+        (BASE.replace('"fashion_mnist"', '"mnist"'), "dataset='mnist'"),
+        (BASE + "\n[train]\nepochs = -1\n", "train.epochs=-1"),
+    ],
+)
+def test_invalid_experiment_fails_before_work_naming_the_key(tmp_path, text, message):
+    with pytest.raises(bench.ExperimentError, match=message):
+        bench.load(_write(tmp_path, text))
+
+
+def test_unknown_profile_is_rejected(tmp_path):
+    with pytest.raises(bench.ExperimentError, match="profile='fast'"):
+        bench.load(_write(tmp_path, BASE), profile="fast")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in EXPERIMENTS.glob("*.toml")))
+def test_shipped_experiments_validate_in_every_profile(name):
+    import tomllib
+
+    path = EXPERIMENTS / f"{name}.toml"
+    for profile in [None, *tomllib.loads(path.read_text()).get("profiles", {})]:
+        config = bench.load(path, profile=profile)
+        assert config["models"] and config["threat_models"]
+
+
+def test_smoke_run_end_to_end_resumes_and_reports(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["bench", str(EXPERIMENTS / "fashion_mnist_tiny.toml"), "--profile", "smoke", "--out", str(out), "--quiet"]
+    assert cli.main(argv) == 0
+    files = sorted(p.name for p in (out / "results").iterdir())
+    assert files == ["float__linf.json", "stq__linf.json", "stq_jr__linf.json"]
+    for path in (out / "results").iterdir():
+        result = results_lib.validate(json.loads(path.read_text()))
+        assert result["deployed"]["arena_bytes"] > 0 and set(result["deployed"]["robust_accuracy"]) == {
+            "transfer", "square"}
+        assert set(result["robust_accuracy"]) == {"fgsm", "pgd", "square"}
+        assert result["command"].startswith("tinyrobust bench") and result["versions"]["keras"].startswith("3.")
+    stq = json.loads((out / "results" / "stq__linf.json").read_text())
+    flt = json.loads((out / "results" / "float__linf.json").read_text())
+    assert stq["model"]["packed_bytes"] < flt["model"]["packed_bytes"]
+    report = (out / "report.md").read_text()
+    assert "| stq_jr | stq |" in report and "accuracy_vs_eps_linf_pgd.png" in report
+    assert (out / "plots" / "accuracy_vs_size_linf.png").stat().st_size > 1000
+
+    # Interrupted after training: results removed, models kept -> no retraining, same numbers.
+    trained = {p: p.stat().st_mtime_ns for p in (out / "models").glob("*.keras")}
+    (out / "results" / "stq__linf.json").unlink()
+    capsys.readouterr()
+    assert cli.main(argv[:-1]) == 0
+    printed = capsys.readouterr().out
+    assert "stq: training" in printed and "Epoch" not in printed
+    assert {p: p.stat().st_mtime_ns for p in (out / "models").glob("*.keras")} == trained
+    again = json.loads((out / "results" / "stq__linf.json").read_text())
+    assert again["clean_accuracy"] == stq["clean_accuracy"] and again["robust_accuracy"] == stq["robust_accuracy"]
+
+    # Tables and plots rebuild from the JSON files alone; two result sets compare.
+    (out / "report.md").unlink()
+    assert cli.main(["report", str(out)]) == 0 and (out / "report.md").is_file()
+    assert cli.main(["compare", str(out), str(out)]) == 0
+    assert "| stq | linf | clean |" in capsys.readouterr().out
+
+
+def test_result_schema_rejects_broken_files():
+    good = {
+        "schema_version": 1, "experiment": "e", "dataset": "d", "seed": 0, "command": "", "versions": {},
+        "model": {"name": "m", "architecture": "a", "quantization": "q", "params": 1, "int8_bytes": 1,
+                  "packed_bytes": 1},
+        "threat_model": {"norm": "linf", "epsilons": [0.1], "examples": 1}, "clean_accuracy": 0.5,
+        "robust_accuracy": {"pgd": {"0.1": 0.2}}, "worst_case": {"0.1": 0.2}, "queries": {}, "attack_kinds": {},
+        "checks": {}, "wall_time_s": {}, "deployed": None, "quality_target": None,
+    }
+    results_lib.validate(good)
+    with pytest.raises(ValueError, match="clean_accuracy"):
+        results_lib.validate({**good, "clean_accuracy": 1.5})
+    with pytest.raises(ValueError, match="robust_accuracy.pgd"):
+        results_lib.validate({**good, "robust_accuracy": {"pgd": {"0.2": 0.1}}})
+    with pytest.raises(ValueError, match="missing `model`"):
+        results_lib.validate({k: v for k, v in good.items() if k != "model"})
+
+
+@pytest.mark.parametrize("name", ["cifar10_resnet8", "svhn_resnet8", "speech_commands_dscnn"])
+def test_tfds_experiments_smoke_with_mock_data(tmp_path, name):
+    import tensorflow_datasets as tfds
+
+    config = bench.load(EXPERIMENTS / f"{name}.toml", profile="smoke")
+    with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
+        results = bench.run(config, tmp_path, command=f"test {name}", verbose=False)
+    assert {(r["model"]["name"], r["threat_model"]["norm"]) for r in results} == {
+        (m["name"], norm) for m in config["models"] for norm in config["threat_models"]}
+    for result in results:
+        results_lib.validate(result)
+        assert result["quality_target"] is not None and result["quality_target"]["met"] in (True, False)
+        assert result["deployed"]["model_bytes"] > 0
+
+
+def test_synthetic_kws_experiment_smoke(tmp_path, monkeypatch):
+    from tinyrobust.data import synthetic_kws
+
+    monkeypatch.setenv("TINYROBUST_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr(synthetic_kws.read, "__defaults__", (synthetic_kws.Config(2, 1, 0),))
+    config = bench.load(EXPERIMENTS / "synthetic_kws_dscnn.toml", profile="smoke")
+    results = bench.run(config, tmp_path / "run", verbose=False)
+    assert len(results) == len(config["models"]) and all(r["quality_target"] is None for r in results)

@@ -1,0 +1,204 @@
+"""Experiment files: TOML, validated before any work starts.
+
+An experiment names a dataset, a list of models (architecture, quantization,
+Jacobian regularization, adversarial training), a training recipe, threat
+models with their attack suites, and export settings. `[profiles.<name>]`
+tables are deep-merged over the base settings (smoke / quick / full, ...).
+See `experiments/README.md` for the full key reference.
+"""
+
+import copy
+import inspect
+import pathlib
+import tomllib
+
+from tinyrobust import attacks, data, models, quantizers
+
+ATTACKS = {
+    "FGSM": attacks.FGSM, "PGD": attacks.PGD, "MIM": attacks.MIM, "APGD": attacks.APGD,
+    "CarliniWagnerL2": attacks.CarliniWagnerL2, "DeepFool": attacks.DeepFool, "Square": attacks.Square,
+}
+NORMS = ("linf", "l2")
+_ONLY_NORM = {"Square": "linf", "CarliniWagnerL2": "l2"}
+_TOP = {"name", "description", "dataset", "seed", "train", "models", "threat_models", "export", "profiles"}
+_TRAIN = {"epochs", "batch_size", "learning_rate", "limit", "augment", "validation_fraction"}
+_MODEL = {"name", "architecture", "quantization", "options", "jacobian", "adversary"}
+_ADVERSARY = {"method", "epsilon", "steps", "step_size", "beta"}
+_THREAT = {"epsilons", "examples", "attacks"}
+_EXPORT = {"enabled", "calibration_size", "parity_examples", "deployed_examples", "deployed_attacks",
+           "deployed_queries"}
+_DEPLOYED_ATTACKS = ("transfer", "square")
+_DEFAULTS = {
+    "seed": 0,
+    "train": {"epochs": 1, "batch_size": 64, "learning_rate": 1e-3, "limit": None, "augment": False,
+              "validation_fraction": 0.1},
+    "export": {"enabled": True, "calibration_size": 500, "parity_examples": 1000, "deployed_examples": 100,
+               "deployed_attacks": ["transfer", "square"], "deployed_queries": 200},
+}
+
+
+class ExperimentError(ValueError):
+    """An experiment file that cannot run; the message names the key."""
+
+
+def _merge(base, override):
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _unknown(where, table, allowed):
+    extra = sorted(set(table) - allowed)
+    if extra:
+        raise ExperimentError(f"Unknown key {where}{extra[0]!r} (allowed: {', '.join(sorted(allowed))}). "
+                              f"Received: {extra[0]}={table[extra[0]]!r}")
+
+
+def _number(where, value, low=None, high=None, integer=False, low_open=False):
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or (low is not None and (
+            value < low or (low_open and value == low))) or (high is not None and value > high):
+        bound = f" in {'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]" if low is not None else ""
+        raise ExperimentError(f"Expected `{where}` to be a{'n integer' if integer else ' number'}{bound}. "
+                              f"Received: {where}={value!r}")
+    return value
+
+
+def _check_models(config):
+    if not isinstance(config.get("models"), list) or not config["models"]:
+        raise ExperimentError("Expected `models` to be a non-empty array of tables ([[models]]). "
+                              f"Received: models={config.get('models')!r}")
+    names = set()
+    for i, model in enumerate(config["models"]):
+        where = f"models[{i}]."
+        _unknown(where, model, _MODEL)
+        for key in ("name", "architecture"):
+            if not isinstance(model.get(key), str):
+                raise ExperimentError(f"Expected `{where}{key}` to be a string. Received: {key}={model.get(key)!r}")
+        if model["name"] in names:
+            raise ExperimentError(f"Duplicate model name. Received: {where}name={model['name']!r}")
+        names.add(model["name"])
+        if model["architecture"] not in models.BUILDERS:
+            raise ExperimentError(f"Unknown architecture (allowed: {', '.join(sorted(models.BUILDERS))}). "
+                                  f"Received: {where}architecture={model['architecture']!r}")
+        model.setdefault("quantization", "float")
+        if model["quantization"] not in quantizers.PRESETS:
+            raise ExperimentError(f"Unknown quantization (allowed: {', '.join(quantizers.PRESETS)}). "
+                                  f"Received: {where}quantization={model['quantization']!r}")
+        model.setdefault("options", {})
+        for layer, weight in model.get("jacobian", {}).items():
+            _number(f"{where}jacobian.{layer}", weight, low=0)
+        adversary = model.get("adversary")
+        if adversary is not None:
+            _unknown(f"{where}adversary.", adversary, _ADVERSARY)
+            if adversary.get("method") not in ("pgd", "trades", "fgsm_rs"):
+                raise ExperimentError("Expected `adversary.method` to be 'pgd', 'trades' or 'fgsm_rs'. "
+                                      f"Received: {where}adversary.method={adversary.get('method')!r}")
+            _number(f"{where}adversary.epsilon", adversary.get("epsilon"), low=0, low_open=True)
+
+
+def _check_threat_models(config, input_range):
+    threats = config.get("threat_models")
+    if not isinstance(threats, dict) or not threats:
+        raise ExperimentError(f"Expected a [threat_models.linf] or [threat_models.l2] table. Received: "
+                              f"threat_models={threats!r}")
+    width = input_range[1] - input_range[0]
+    for norm, threat in threats.items():
+        if norm not in NORMS:
+            raise ExperimentError(f"Unknown threat model (allowed: linf, l2). Received: threat_models.{norm}")
+        where = f"threat_models.{norm}."
+        _unknown(where, threat, _THREAT)
+        epsilons = threat.get("epsilons")
+        if not isinstance(epsilons, list) or not epsilons:
+            raise ExperimentError(f"Expected `{where}epsilons` to be a non-empty list. Received: epsilons={epsilons!r}")
+        high = width if norm == "linf" else None
+        for eps in epsilons:
+            _number(f"{where}epsilons", eps, low=0, high=high)
+        threat["epsilons"] = [float(eps) for eps in epsilons]
+        threat.setdefault("examples", 1000)
+        _number(f"{where}examples", threat["examples"], low=1, integer=True)
+        suite = threat.get("attacks")
+        if not isinstance(suite, dict) or not suite:
+            raise ExperimentError(f"Expected `{where}attacks` to be a non-empty table. Received: attacks={suite!r}")
+        for name, spec in suite.items():
+            kind = spec.get("type") if isinstance(spec, dict) else None
+            if kind not in ATTACKS:
+                raise ExperimentError(f"Unknown attack type (allowed: {', '.join(ATTACKS)}). "
+                                      f"Received: {where}attacks.{name}.type={kind!r}")
+            parameters = set(inspect.signature(ATTACKS[kind].__init__).parameters) - {"self", "eps", "input_range"}
+            _unknown(f"{where}attacks.{name}.", spec, parameters | {"type"})
+            build_attack(spec, norm, epsilons, input_range, config["seed"])  # validates the values
+
+
+def build_attack(spec, norm, epsilons, input_range, seed):
+    """The attack object of one `[threat_models.<norm>.attacks.<name>]` entry."""
+    cls = ATTACKS[spec["type"]]
+    kwargs = {k: v for k, v in spec.items() if k != "type"}
+    if "norm" in inspect.signature(cls.__init__).parameters:
+        kwargs.setdefault("norm", norm)
+    elif _ONLY_NORM.get(spec["type"], norm) != norm:
+        raise ExperimentError(f"{spec['type']} supports only the {_ONLY_NORM[spec['type']]} threat model. "
+                              f"Received: threat_models.{norm}")
+    kwargs.setdefault("seed", seed)
+    try:
+        return cls(list(epsilons), input_range=tuple(input_range), **kwargs)
+    except ValueError as error:
+        raise ExperimentError(f"In attack {spec['type']}: {error}") from None
+
+
+def load(path, profile=None):
+    """Reads, merges and validates an experiment file.
+
+    Args:
+        path: the TOML file.
+        profile: name of a `[profiles.<name>]` table merged over the base, or None.
+
+    Returns:
+        The experiment as a dict with defaults filled in and `profile` set.
+
+    Raises:
+        ExperimentError: unknown keys, unknown attack types or models,
+            epsilons out of range, or an unknown profile.
+        FileNotFoundError: no such file.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No experiment file at {str(path)!r}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ExperimentError(f"{path}: not valid TOML: {error}") from None
+    _unknown("", raw, _TOP)
+    profiles = raw.pop("profiles", {})
+    if profile is not None:
+        if profile not in profiles:
+            raise ExperimentError(f"Unknown profile (defined: {', '.join(sorted(profiles)) or 'none'}). "
+                                  f"Received: profile={profile!r}")
+        raw = _merge(raw, profiles[profile])
+    config = _merge(_DEFAULTS, raw)
+    config["profile"] = profile
+    config.setdefault("name", path.stem)
+    if config.get("dataset") not in data.NAMES:
+        raise ExperimentError(f"Unknown dataset (allowed: {', '.join(data.NAMES)}). "
+                              f"Received: dataset={config.get('dataset')!r}")
+    _number("seed", config["seed"], low=0, integer=True)
+    _unknown("train.", config["train"], _TRAIN)
+    _number("train.epochs", config["train"]["epochs"], low=0, integer=True)
+    _number("train.batch_size", config["train"]["batch_size"], low=1, integer=True)
+    _number("train.learning_rate", config["train"]["learning_rate"], low=0, low_open=True)
+    if config["train"]["limit"] is not None:
+        _number("train.limit", config["train"]["limit"], low=1, integer=True)
+    _unknown("export.", config["export"], _EXPORT)
+    for key in ("calibration_size", "parity_examples", "deployed_examples", "deployed_queries"):
+        _number(f"export.{key}", config["export"][key], low=1, integer=True)
+    for attack in config["export"]["deployed_attacks"]:
+        if attack not in _DEPLOYED_ATTACKS:
+            raise ExperimentError(f"Unknown deployed attack (allowed: transfer, square). "
+                                  f"Received: export.deployed_attacks={attack!r}")
+    _check_models(config)
+    _check_threat_models(config, data.info(config["dataset"]).input_range)
+    return config

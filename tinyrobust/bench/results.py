@@ -1,0 +1,198 @@
+"""Result files: one JSON per (model, threat model), and the tables and plots built from them.
+
+Schema (version 1) of `results/<model>__<norm>.json`:
+
+- `schema_version` (int), `experiment` (str), `profile` (str or null),
+  `dataset` (str), `seed` (int), `command` (str), `versions` ({package: version}),
+- `model`: `name`, `architecture`, `quantization`, `jacobian` ({layer: weight}),
+  `adversary` (table or null), `params`, `int8_bytes`, `packed_bytes`
+  (from `tinyrobust.summary`), `bits` ({layer: {weight: bits}}),
+- `threat_model`: `norm`, `epsilons`, `examples`,
+- `clean_accuracy` (float), `robust_accuracy` ({attack: {eps: accuracy}}),
+  `worst_case` ({eps: accuracy over all attacks}), `queries` ({attack: {eps: mean}}),
+  `attack_kinds` ({attack: kind}), `checks` ({flag: message}; empty when clean),
+- `quality_target`: null, or `{"metric": "clean_accuracy", "target": t, "met": bool}`
+  (MLPerf Tiny's target for the model and data set),
+- `deployed`: null, or `model_bytes`, `arena_bytes`, `examples`, `agreement`,
+  `clean_accuracy`, `robust_accuracy` ({"transfer"|"square": {eps: accuracy}}),
+  `max_logit_difference`,
+- `wall_time_s`: {"train", "evaluate", "export"}.
+"""
+
+import json
+import pathlib
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+_REQUIRED = {
+    "schema_version": int, "experiment": str, "dataset": str, "seed": int, "command": str, "versions": dict,
+    "model": dict, "threat_model": dict, "clean_accuracy": float, "robust_accuracy": dict, "worst_case": dict,
+    "queries": dict, "attack_kinds": dict, "checks": dict, "wall_time_s": dict,
+}
+_MODEL_KEYS = {"name", "architecture", "quantization", "params", "int8_bytes", "packed_bytes"}
+
+
+def validate(result):
+    """Raises ValueError naming the first field of `result` that breaks the schema."""
+    for key, kind in _REQUIRED.items():
+        if key not in result:
+            raise ValueError(f"Result is missing `{key}`")
+        if not isinstance(result[key], kind) or (kind is int and isinstance(result[key], bool)):
+            raise ValueError(f"Expected result `{key}` of type {kind.__name__}. Received: {key}={result[key]!r}")
+    if result["schema_version"] != SCHEMA_VERSION:
+        raise ValueError(f"Expected schema_version {SCHEMA_VERSION}. Received: schema_version={result['schema_version']}")
+    missing = _MODEL_KEYS - set(result["model"])
+    if missing:
+        raise ValueError(f"Result `model` is missing {sorted(missing)}")
+    epsilons = [str(e) for e in result["threat_model"].get("epsilons", [])]
+    for attack, per_eps in result["robust_accuracy"].items():
+        if sorted(per_eps) != sorted(epsilons):
+            raise ValueError(f"Result `robust_accuracy.{attack}` has epsilons {sorted(per_eps)}, expected {epsilons}")
+        for value in per_eps.values():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"Accuracy out of [0, 1] in `robust_accuracy.{attack}`. Received: {value}")
+    if not 0.0 <= result["clean_accuracy"] <= 1.0:
+        raise ValueError(f"Accuracy out of [0, 1]. Received: clean_accuracy={result['clean_accuracy']}")
+    if "deployed" not in result or "quality_target" not in result:
+        raise ValueError("Result is missing `deployed` or `quality_target` (null when not measured)")
+    return result
+
+
+def write(result, path):
+    """Validates and writes one result file atomically."""
+    validate(result)
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    partial.replace(path)
+    return path
+
+
+def read_all(folder):
+    """Every valid result file under `folder` (searched recursively), sorted by model then norm."""
+    results = []
+    for path in sorted(pathlib.Path(folder).rglob("*.json")):
+        try:
+            result = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if isinstance(result, dict) and result.get("schema_version") == SCHEMA_VERSION:
+            results.append(validate(result))
+    if not results:
+        raise FileNotFoundError(f"No result files (schema version {SCHEMA_VERSION}) under {str(folder)!r}")
+    return results
+
+
+def _percent(value):
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def table(results):
+    """Markdown tables, one per threat model, in the layout of the papers.
+
+    Rows are models; columns are clean accuracy, each attack at each eps, the
+    worst case per eps, the deployed (TFLite Micro) model's clean and
+    transfer/Square accuracy, and sizes. Accuracies in percent.
+    """
+    sections = []
+    for norm in sorted({r["threat_model"]["norm"] for r in results}):
+        rows = [r for r in results if r["threat_model"]["norm"] == norm]
+        epsilons = [str(e) for e in rows[0]["threat_model"]["epsilons"]]
+        attacks = list(dict.fromkeys(a for r in rows for a in r["robust_accuracy"]))
+        deployed = list(dict.fromkeys(a for r in rows for a in ((r.get("deployed") or {}).get("robust_accuracy") or {})))
+        header = ["model", "quant.", "clean"] + [f"{a} {e}" for a in attacks for e in epsilons]
+        header += [f"worst {e}" for e in epsilons] + ["TFLM clean"] + [f"TFLM {a} {e}" for a in deployed for e in epsilons]
+        header += ["packed KB", "TFLite KB", "arena KB"]
+        lines = [f"### {rows[0]['experiment']} ({rows[0]['dataset']}, {norm}, {rows[0]['threat_model']['examples']} "
+                 f"test examples, profile {rows[0].get('profile')})", "",
+                 "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        for r in rows:
+            d = r.get("deployed") or {}
+            cells = [r["model"]["name"], r["model"]["quantization"], _percent(r["clean_accuracy"])]
+            cells += [_percent(r["robust_accuracy"].get(a, {}).get(e)) for a in attacks for e in epsilons]
+            cells += [_percent(r["worst_case"].get(e)) for e in epsilons]
+            cells += [_percent(d.get("clean_accuracy"))]
+            cells += [_percent((d.get("robust_accuracy") or {}).get(a, {}).get(e)) for a in deployed for e in epsilons]
+            cells += [f"{r['model']['packed_bytes'] / 1024:.1f}",
+                      "-" if not d else f"{d['model_bytes'] / 1024:.1f}",
+                      "-" if not d else f"{d['arena_bytes'] / 1024:.1f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        flagged = [f"- {r['model']['name']}: {flag}: {message}" for r in rows for flag, message in r["checks"].items()]
+        if flagged:
+            lines += ["", "Honest-evaluation flags:", *flagged]
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections) + "\n"
+
+
+def plots(results, folder):
+    """PNG plots: accuracy vs eps per attack (a line per model), and accuracy vs model size.
+
+    Returns:
+        The list of PNG paths written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for norm in sorted({r["threat_model"]["norm"] for r in results}):
+        rows = [r for r in results if r["threat_model"]["norm"] == norm]
+        attacks = list(dict.fromkeys(a for r in rows for a in r["robust_accuracy"])) + ["worst"]
+        for attack in attacks:
+            figure, axis = plt.subplots(figsize=(5, 3.5))
+            for r in rows:
+                per_eps = r["worst_case"] if attack == "worst" else r["robust_accuracy"].get(attack, {})
+                eps = [0.0] + [float(e) for e in per_eps]
+                axis.plot(eps, [r["clean_accuracy"]] + list(per_eps.values()), marker="o", label=r["model"]["name"])
+            axis.set(xlabel=f"epsilon ({norm})", ylabel="accuracy", title=f"{rows[0]['experiment']}: {attack}",
+                     ylim=(0, 1))
+            axis.legend(fontsize="small")
+            figure.tight_layout()
+            path = folder / f"accuracy_vs_eps_{norm}_{attack}.png"
+            figure.savefig(path, dpi=100)
+            plt.close(figure)
+            written.append(path)
+        figure, axis = plt.subplots(figsize=(5, 3.5))
+        largest = str(rows[0]["threat_model"]["epsilons"][-1])
+        for r in rows:
+            size = r["model"]["packed_bytes"] / 1024
+            axis.scatter([size], [r["clean_accuracy"]], marker="o")
+            axis.scatter([size], [r["worst_case"][largest]], marker="x")
+            axis.annotate(r["model"]["name"], (size, r["clean_accuracy"]), fontsize="small")
+        axis.set(xlabel="packed model size (KB)", ylabel="accuracy (o clean, x worst case at eps " + largest + ")",
+                 ylim=(0, 1), title=f"{rows[0]['experiment']}: accuracy vs size ({norm})")
+        figure.tight_layout()
+        path = folder / f"accuracy_vs_size_{norm}.png"
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def compare(results_a, results_b):
+    """A Markdown table of two result sets side by side (matched by model and threat model)."""
+    index_b = {(r["model"]["name"], r["threat_model"]["norm"]): r for r in results_b}
+    lines = ["| model | norm | metric | A | B | B - A |", "| --- | --- | --- | --- | --- | --- |"]
+    for a in results_a:
+        b = index_b.get((a["model"]["name"], a["threat_model"]["norm"]))
+        if b is None:
+            continue
+        metrics = [("clean", a["clean_accuracy"], b["clean_accuracy"])]
+        metrics += [(f"worst {e}", a["worst_case"][e], b["worst_case"].get(e)) for e in a["worst_case"]]
+        for name, va, vb in metrics:
+            delta = "-" if vb is None else f"{100 * (vb - va):+.1f}"
+            lines.append(f"| {a['model']['name']} | {a['threat_model']['norm']} | {name} | {_percent(va)} | "
+                         f"{_percent(vb)} | {delta} |")
+    if len(lines) == 2:
+        raise ValueError("The two result sets share no (model, threat model) pair")
+    return "\n".join(lines) + "\n"
+
+
+def mean(values):
+    """Mean of a list of floats, or None when empty."""
+    return float(np.mean(values)) if len(values) else None

@@ -1,0 +1,240 @@
+"""Runs an experiment: train (resuming), attack, check, export, evaluate the deployed model, write results."""
+
+import json
+import pathlib
+import platform
+import sys
+import time
+
+import keras
+import numpy as np
+
+from tinyrobust import attacks, data, export, models
+from tinyrobust.bench import results as results_lib
+from tinyrobust.bench.config import build_attack
+from tinyrobust.footprint import summary
+from tinyrobust.jacobian import JacobianRegularizer
+from tinyrobust.training import AdversarialTraining, RobustModel
+
+# MLPerf Tiny quality targets (top-1 accuracy of the reference int8 models).
+QUALITY_TARGETS = {("cifar10", "resnet8"): 0.85, ("speech_commands", "dscnn"): 0.90}
+
+
+def versions():
+    """Versions of the packages that decide the numbers."""
+    import qkeras
+    import tensorflow as tf
+
+    import tinyrobust
+
+    return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
+            "qkeras": getattr(qkeras, "__version__", "unknown"), "numpy": np.__version__,
+            "tinyrobust": tinyrobust.__version__}
+
+
+class _Say:
+    def __init__(self, verbose):
+        self.verbose = verbose
+
+    def __call__(self, message):
+        if self.verbose:
+            print(message, flush=True)
+
+
+def _build(config, spec, dataset_info):
+    model = models.get(spec["architecture"], quantization=spec["quantization"], num_classes=dataset_info.num_classes,
+                       input_shape=dataset_info.input_shape, **spec["options"])
+    jacobian = JacobianRegularizer(layers=dict(spec["jacobian"])) if spec.get("jacobian") else None
+    adversary = None
+    if spec.get("adversary"):
+        adversary = AdversarialTraining(input_range=dataset_info.input_range, seed=config["seed"], **spec["adversary"])
+    if jacobian is None and adversary is None:
+        return model
+    return RobustModel.wrap(model, jacobian=jacobian, adversary=adversary, name=spec["name"])
+
+
+def train(config, spec, out, verbose=True):
+    """Trains one model, or loads it when `out/models/<name>.keras` exists.
+
+    Interrupted training resumes from the last finished epoch
+    (`keras.callbacks.BackupAndRestore` in `out/checkpoints/<name>`).
+
+    Returns:
+        (model, seconds spent training in this call).
+    """
+    path = out / "models" / f"{spec['name']}.keras"
+    if path.is_file():
+        return keras.saving.load_model(path), 0.0
+    dataset_info = data.info(config["dataset"])
+    recipe = config["train"]
+    keras.utils.set_random_seed(config["seed"])
+    model = _build(config, spec, dataset_info)
+    model.compile(optimizer=keras.optimizers.Adam(recipe["learning_rate"]),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    train_data = data.load(config["dataset"], "train", batch_size=recipe["batch_size"], seed=config["seed"],
+                           limit=recipe["limit"], augment=recipe["augment"],
+                           validation_fraction=recipe["validation_fraction"])
+    start = time.perf_counter()
+    backup = keras.callbacks.BackupAndRestore(str(out / "checkpoints" / spec["name"]))
+    model.fit(train_data, epochs=recipe["epochs"], callbacks=[backup], shuffle=False, verbose=1 if verbose and sys.stdout.isatty()
+              else 2 if verbose else 0)
+    seconds = time.perf_counter() - start
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.stem + ".partial.keras")
+    model.save(partial)
+    partial.replace(path)
+    (out / "models" / f"{spec['name']}.train.json").write_text(json.dumps({"seconds": seconds}) + "\n")
+    return model, seconds
+
+
+def _deployed(config, spec, model, out, x, y, threat, say):
+    """Exports the model and evaluates the TFLite Micro artifact (clean, transfer, Square)."""
+    settings = config["export"]
+    record_path = out / "export" / f"{spec['name']}__{threat['norm']}.deployed.json"
+    if record_path.is_file():
+        return json.loads(record_path.read_text())
+    calibration, indices = data.calibration_set(config["dataset"], size=settings["calibration_size"],
+                                                seed=config["seed"])
+    tflite_path = out / "export" / f"{spec['name']}.tflite"
+    if not tflite_path.is_file():
+        export.to_tflite(model, tflite_path, calibration)
+        export.to_c_array(tflite_path, out / "export", spec["name"].replace("-", "_"))
+    x_parity, y_parity = data.load_arrays(config["dataset"], "test", limit=settings["parity_examples"])
+    parity = export.verify(model, tflite_path, (x_parity, y_parity), runtimes=("tflm",))
+    deployed = export.TFLiteModel(tflite_path)
+    n = min(settings["deployed_examples"], len(x))
+    x_d, y_d = x[:n], y[:n]
+    robust = {}
+    epsilons = threat["epsilons"]
+    input_range = data.info(config["dataset"]).input_range
+    if "transfer" in settings["deployed_attacks"]:
+        surrogate = attacks.PGD(epsilons, norm=threat["norm"], steps=20, input_range=input_range, seed=config["seed"])
+        say(f"  {spec['name']}: transfer PGD-20 from the Keras model to TFLite Micro ({n} examples)")
+        result = surrogate.run(model, x_d, y_d)
+        robust["transfer"] = {str(e): float(np.mean(deployed(xa).argmax(-1) == y_d))
+                              for e, xa in zip(result.epsilons, result.x_adv)}
+    if "square" in settings["deployed_attacks"] and threat["norm"] == "linf":
+        say(f"  {spec['name']}: Square ({settings['deployed_queries']} queries) on TFLite Micro ({n} examples)")
+        square = attacks.Square(epsilons, queries=settings["deployed_queries"], input_range=input_range,
+                                seed=config["seed"])
+        result = square.run(deployed, x_d, y_d)
+        robust["square"] = {str(e): float(np.mean(deployed(xa).argmax(-1) == y_d))
+                            for e, xa in zip(result.epsilons, result.x_adv)}
+    record = {"model_bytes": parity.model_bytes, "arena_bytes": parity.arena_bytes, "examples": int(n),
+              "parity_examples": parity.examples, "agreement": parity.agreement["tflm"],
+              "max_logit_difference": parity.max_logit_difference["tflm"],
+              "keras_accuracy": parity.accuracy["keras"], "clean_accuracy": parity.accuracy["tflm"],
+              "robust_accuracy": robust, "calibration_indices_sha": _digest(indices)}
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _digest(indices):
+    import hashlib
+
+    return hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest()[:16]
+
+
+def _footprint(model):
+    footprint = summary(model, print_fn=None)
+    bits = {row.name: row.bits for row in footprint.layers if row.bits}
+    return footprint, bits
+
+
+def run(config, out_dir, command="", verbose=True):
+    """Runs a validated experiment (see `tinyrobust.bench.config.load`).
+
+    Each step is skipped when its output exists, so an interrupted run resumes
+    where it stopped: trained models (`models/`), deployed-model evaluations
+    (`export/`) and result files (`results/`).
+
+    Args:
+        config: the experiment dict.
+        out_dir: output folder.
+        command: the command line, recorded in every result.
+        verbose: print progress.
+
+    Returns:
+        The list of result dicts (one per model and threat model).
+    """
+    say = _Say(verbose)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "experiment.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    dataset_info = data.info(config["dataset"])
+    examples = max(t["examples"] for t in config["threat_models"].values())
+    x_test, y_test = data.load_arrays(config["dataset"], "test", limit=examples)
+    all_results = []
+    for spec in config["models"]:
+        pending = [n for n in config["threat_models"]
+                   if not (out / "results" / f"{spec['name']}__{n}.json").is_file()]
+        if not pending:
+            say(f"{spec['name']}: results exist, skipped")
+            all_results += [json.loads((out / "results" / f"{spec['name']}__{n}.json").read_text())
+                            for n in config["threat_models"]]
+            continue
+        say(f"{spec['name']}: training {spec['architecture']} ({spec['quantization']}) on {config['dataset']}")
+        model, _ = train(config, spec, out, verbose)
+        train_record = out / "models" / f"{spec['name']}.train.json"
+        train_seconds = json.loads(train_record.read_text())["seconds"] if train_record.is_file() else None
+        footprint, bits = _footprint(model)
+        for norm, threat in config["threat_models"].items():
+            path = out / "results" / f"{spec['name']}__{norm}.json"
+            if path.is_file():
+                all_results.append(json.loads(path.read_text()))
+                continue
+            threat = {**threat, "norm": norm}
+            n = threat["examples"]
+            x, y = x_test[:n], y_test[:n]
+            suite = {name: build_attack(s, norm, threat["epsilons"], dataset_info.input_range, config["seed"])
+                     for name, s in threat["attacks"].items()}
+            say(f"  {spec['name']}: attacks {', '.join(suite)} at eps {threat['epsilons']} ({norm}, {n} examples)")
+            start = time.perf_counter()
+            report = attacks.robust_accuracy(model, (x, y), suite, verbose=verbose)
+            checks = attacks.check_model(model, x[:256], y[:256], report=report, warn=False)
+            evaluate_seconds = time.perf_counter() - start
+            deployed, export_seconds = None, None
+            if config["export"]["enabled"]:
+                start = time.perf_counter()
+                deployed = _deployed(config, spec, model, out, x, y, threat, say)
+                export_seconds = time.perf_counter() - start
+            accuracy = report.accuracy()
+            target = QUALITY_TARGETS.get((config["dataset"], spec["architecture"]))
+            result = {
+                "schema_version": results_lib.SCHEMA_VERSION, "experiment": config["name"],
+                "profile": config["profile"], "dataset": config["dataset"], "seed": config["seed"],
+                "command": command, "versions": versions(),
+                "model": {"name": spec["name"], "architecture": spec["architecture"],
+                          "quantization": spec["quantization"], "options": spec["options"],
+                          "jacobian": spec.get("jacobian", {}), "adversary": spec.get("adversary"),
+                          "params": footprint.params, "int8_bytes": footprint.int8_bytes,
+                          "packed_bytes": footprint.packed_bytes, "bits": bits},
+                "threat_model": {"norm": norm, "epsilons": threat["epsilons"], "examples": int(len(x))},
+                "clean_accuracy": accuracy["clean"], "robust_accuracy": accuracy["attacks"],
+                "worst_case": accuracy["worst"],
+                "queries": {a: {str(e): float(q) for e, q in per.items()} for a, per in report.queries.items()},
+                "attack_kinds": report.kinds, "checks": checks.flags,
+                "quality_target": None if target is None else {
+                    "metric": "clean_accuracy", "target": target, "met": accuracy["clean"] >= target},
+                "deployed": deployed,
+                "wall_time_s": {"train": train_seconds, "evaluate": evaluate_seconds, "export": export_seconds},
+            }
+            results_lib.write(result, path)
+            all_results.append(result)
+        keras.backend.clear_session()
+    write_report(all_results, out)
+    return all_results
+
+
+def write_report(all_results, out):
+    """Writes `report.md` and `plots/*.png` from result dicts; returns the report path."""
+    out = pathlib.Path(out)
+    plots = results_lib.plots(all_results, out / "plots")
+    text = results_lib.table(all_results)
+    text += "\nPlots: " + ", ".join(str(p.relative_to(out)) for p in plots) + "\n"
+    commands = sorted({r["command"] for r in all_results if r["command"]})
+    if commands:
+        text += "\nCommand: " + "; ".join(f"`{c}`" for c in commands) + "\n"
+    (out / "report.md").write_text(text)
+    return out / "report.md"
