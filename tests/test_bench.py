@@ -32,13 +32,14 @@ attacks = { fgsm = { type = "FGSM" } }
 @pytest.mark.parametrize(
     "text, message",
     [
-        (BASE + "\nbogus = 1\n", "Unknown key 'bogus'"),
-        (BASE.replace('quantization = "stq"', 'quantization = "stq"\nepochs = 3'), "models\\[0\\].'epochs'"),
+        ("bogus = 1\n" + BASE, "Unknown key 'bogus'"),
+        (BASE + "\nbogus = 1\n", "Unknown key 'threat_models.linf.bogus'"),
+        (BASE.replace('quantization = "stq"', 'quantization = "stq"\nepochs = 3'), "'models\\[0\\].epochs'"),
         (BASE.replace('"FGSM"', '"Nope"'), "threat_models.linf.attacks.fgsm.type='Nope'"),
         (BASE.replace("[0.05]", "[1.5]"), "threat_models.linf.epsilons=1.5"),
         (BASE.replace("[0.05]", "[-0.1]"), "threat_models.linf.epsilons=-0.1"),
         (BASE.replace('{ type = "FGSM" }', '{ type = "PGD", steps = 0 }'), "steps=0"),
-        (BASE.replace('{ type = "FGSM" }', '{ type = "PGD", stepz = 3 }'), "'stepz'"),
+        (BASE.replace('{ type = "FGSM" }', '{ type = "PGD", stepz = 3 }'), "'threat_models.linf.attacks.fgsm.stepz'"),
         (BASE.replace('"small_cnn"', '"lenet"'), "architecture='lenet'"),
         (BASE.replace('"fashion_mnist"', '"mnist"'), "dataset='mnist'"),
         (BASE + "\n[train]\nepochs = -1\n", "train.epochs=-1"),
@@ -130,7 +131,10 @@ def test_tfds_experiments_smoke_with_mock_data(tmp_path, name):
         (m["name"], norm) for m in config["models"] for norm in config["threat_models"]}
     for result in results:
         results_lib.validate(result)
-        assert result["quality_target"] is not None and result["quality_target"]["met"] in (True, False)
+        if name == "svhn_resnet8":  # MLPerf Tiny sets no SVHN target
+            assert result["quality_target"] is None
+        else:
+            assert result["quality_target"]["met"] in (True, False)
         assert result["deployed"]["model_bytes"] > 0
 
 

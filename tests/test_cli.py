@@ -2,15 +2,17 @@ import tinyrobust as tr
 from tinyrobust import cli
 
 
-def test_demo_runs_and_prints_accuracy_and_footprint(capsys):
-    assert cli.main(["demo", "--limit", "256", "--batch-size", "64"]) == 0
-    out = capsys.readouterr().out
-    assert "Clean test accuracy:" in out and "total" in out and "conv_2" in out
+def test_demo_runs_the_fashion_mnist_tiny_experiment_in_its_demo_profile(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(cli, "_bench", lambda args: seen.update(vars(args)) or 0)
+    assert cli.main(["demo"]) == 0
+    assert seen["experiment"].endswith("experiments/fashion_mnist_tiny.toml") and seen["profile"] == "demo"
+    assert seen["argv"][:3] == ["bench", seen["experiment"], "--profile"]
 
 
-def test_demo_bad_quantization_exits_2(capsys):
-    assert cli.main(["demo", "--quantization", "int3"]) == 2
-    assert "Received: quantization='int3'" in capsys.readouterr().err
+def test_demo_unknown_profile_exits_2(capsys):
+    assert cli.main(["demo", "--profile", "nope"]) == 2
+    assert "Received: profile='nope'" in capsys.readouterr().err
 
 
 def test_import_exposes_namespace():

@@ -54,8 +54,8 @@ def _merge(base, override):
 def _unknown(where, table, allowed):
     extra = sorted(set(table) - allowed)
     if extra:
-        raise ExperimentError(f"Unknown key {where}{extra[0]!r} (allowed: {', '.join(sorted(allowed))}). "
-                              f"Received: {extra[0]}={table[extra[0]]!r}")
+        raise ExperimentError(f"Unknown key '{where}{extra[0]}' (allowed: {', '.join(sorted(allowed))}). "
+                              f"Received: {where}{extra[0]}={table[extra[0]]!r}")
 
 
 def _number(where, value, low=None, high=None, integer=False, low_open=False):

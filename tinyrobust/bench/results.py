@@ -22,8 +22,6 @@ Schema (version 1) of `results/<model>__<norm>.json`:
 import json
 import pathlib
 
-import numpy as np
-
 SCHEMA_VERSION = 1
 _REQUIRED = {
     "schema_version": int, "experiment": str, "dataset": str, "seed": int, "command": str, "versions": dict,
@@ -159,10 +157,10 @@ def plots(results, folder):
             written.append(path)
         figure, axis = plt.subplots(figsize=(5, 3.5))
         largest = str(rows[0]["threat_model"]["epsilons"][-1])
-        for r in rows:
+        for i, r in enumerate(rows):
             size = r["model"]["packed_bytes"] / 1024
-            axis.scatter([size], [r["clean_accuracy"]], marker="o")
-            axis.scatter([size], [r["worst_case"][largest]], marker="x")
+            axis.scatter([size], [r["clean_accuracy"]], marker="o", color=f"C{i}")
+            axis.scatter([size], [r["worst_case"][largest]], marker="x", color=f"C{i}")
             axis.annotate(r["model"]["name"], (size, r["clean_accuracy"]), fontsize="small")
         axis.set(xlabel="packed model size (KB)", ylabel="accuracy (o clean, x worst case at eps " + largest + ")",
                  ylim=(0, 1), title=f"{rows[0]['experiment']}: accuracy vs size ({norm})")
@@ -191,8 +189,3 @@ def compare(results_a, results_b):
     if len(lines) == 2:
         raise ValueError("The two result sets share no (model, threat model) pair")
     return "\n".join(lines) + "\n"
-
-
-def mean(values):
-    """Mean of a list of floats, or None when empty."""
-    return float(np.mean(values)) if len(values) else None
