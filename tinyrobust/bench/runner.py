@@ -93,12 +93,15 @@ def _deployed(config, spec, model, out, x, y, threat, say):
     record_path = out / "export" / f"{spec['name']}__{threat['norm']}.deployed.json"
     if record_path.is_file():
         return json.loads(record_path.read_text())
-    calibration, indices = data.calibration_set(config["dataset"], size=settings["calibration_size"],
-                                                seed=config["seed"])
     tflite_path = out / "export" / f"{spec['name']}.tflite"
+    calibration_record = out / "export" / f"{spec['name']}.calibration.json"
     if not tflite_path.is_file():
+        calibration, indices = data.calibration_set(config["dataset"], size=settings["calibration_size"],
+                                                    seed=config["seed"])
         export.to_tflite(model, tflite_path, calibration)
         export.to_c_array(tflite_path, out / "export", spec["name"].replace("-", "_"))
+        calibration_record.write_text(json.dumps({"split": "train", "indices": [int(i) for i in indices]}) + "\n")
+    indices = json.loads(calibration_record.read_text())["indices"]
     x_parity, y_parity = data.load_arrays(config["dataset"], "test", limit=settings["parity_examples"])
     parity = export.verify(model, tflite_path, (x_parity, y_parity), runtimes=("tflm",))
     deployed = export.TFLiteModel(tflite_path)

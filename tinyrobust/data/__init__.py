@@ -235,8 +235,7 @@ def calibration_set(name, size=200, seed=0):
         `(x, indices)`: the inputs and their indices within the "train" split.
     """
     raw, _ = load_raw(name, "train", seed=seed)
-    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= len(raw):
-        raise ValueError(f"Expected `size` in [1, {len(raw)}]. Received: size={size!r}")
+    check_number("size", size, low=1, high=len(raw), integer=True)
     indices = np.sort(np.random.default_rng(seed).choice(len(raw), size=size, replace=False))
     x = features(name, raw[indices])
     return np.asarray(x).reshape((-1, *info(name).input_shape)), indices
