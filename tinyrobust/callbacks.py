@@ -6,7 +6,6 @@ epoch number alone, which keeps resumed runs (`keras.callbacks.BackupAndRestore`
 on the same schedule.
 """
 
-import json
 import pathlib
 
 import keras
@@ -213,11 +212,8 @@ class TFLiteExport(keras.callbacks.Callback):
         if self._best_weights is not None:
             self.model.set_weights(self._best_weights)
         try:
-            path = export.to_tflite(self.model, self.out_dir / f"{self.name}.tflite", self.representative_data)
-            export.to_c_array(path, self.out_dir, self.name)
-            self.report = export.verify(self.model, path, self.validation_data)
-            record = {"best_epoch": self.best_epoch, "monitor": self.monitor, "best": self.best,
-                      **self.report.to_dict()}
-            (self.out_dir / f"{self.name}.parity.json").write_text(json.dumps(record, indent=2) + "\n")
+            _, self.report = export.export_and_verify(
+                self.model, self.out_dir, self.name, self.representative_data, self.validation_data,
+                record={"best_epoch": self.best_epoch, "monitor": self.monitor, "best": self.best})
         finally:
             self.model.set_weights(final_weights)

@@ -56,9 +56,6 @@ def _compare(args):
 
 
 def _export(args):
-    import json
-    import pathlib
-
     import keras
 
     import tinyrobust as tr
@@ -71,12 +68,8 @@ def _export(args):
     x_test, y_test = tr.data.load_arrays(args.dataset, "test", limit=args.parity_size)
     out = pathlib.Path(args.out)
     name = args.name or model_path.stem.replace("-", "_").replace(".", "_")
-    path = tr.export.to_tflite(model, out / f"{name}.tflite", calibration)
-    tr.export.to_c_array(path, out, name)
-    report = tr.export.verify(model, path, (x_test, y_test))
-    record = {"model": str(model_path), "dataset": args.dataset, "calibration_indices": [int(i) for i in indices],
-              **report.to_dict()}
-    (out / f"{name}.parity.json").write_text(json.dumps(record, indent=2) + "\n")
+    record = {"model": str(model_path), "dataset": args.dataset, "calibration_indices": [int(i) for i in indices]}
+    path, report = tr.export.export_and_verify(model, out, name, calibration, (x_test, y_test), record=record)
     print(report.to_table())
     print(f"\nWrote {path}, {out / (name + '.h')}, {out / (name + '.cc')} and {out / (name + '.parity.json')}")
     return 0

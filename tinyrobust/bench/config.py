@@ -13,6 +13,7 @@ import pathlib
 import tomllib
 
 from tinyrobust import attacks, data, models, quantizers
+from tinyrobust.validation import check_number
 
 ATTACKS = {
     "FGSM": attacks.FGSM, "PGD": attacks.PGD, "MIM": attacks.MIM, "APGD": attacks.APGD,
@@ -58,14 +59,12 @@ def _unknown(where, table, allowed):
                               f"Received: {where}{extra[0]}={table[extra[0]]!r}")
 
 
-def _number(where, value, low=None, high=None, integer=False, low_open=False):
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or (low is not None and (
-            value < low or (low_open and value == low))) or (high is not None and value > high):
-        bound = f" in {'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]" if low is not None else ""
-        raise ExperimentError(f"Expected `{where}` to be a{'n integer' if integer else ' number'}{bound}. "
-                              f"Received: {where}={value!r}")
-    return value
+def _number(where, value, **bounds):
+    """`check_number` for an experiment key, raising `ExperimentError`."""
+    try:
+        return check_number(where, value, **bounds)
+    except ValueError as error:
+        raise ExperimentError(str(error)) from None
 
 
 def _check_models(config):

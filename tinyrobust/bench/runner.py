@@ -93,41 +93,39 @@ def _deployed(config, spec, model, out, x, y, threat, say):
     record_path = out / "export" / f"{spec['name']}__{threat['norm']}.deployed.json"
     if record_path.is_file():
         return json.loads(record_path.read_text())
-    tflite_path = out / "export" / f"{spec['name']}.tflite"
-    calibration_record = out / "export" / f"{spec['name']}.calibration.json"
-    if not tflite_path.is_file():
+    name = spec["name"].replace("-", "_")
+    parity_path = out / "export" / f"{name}.parity.json"
+    if not parity_path.is_file():
         calibration, indices = data.calibration_set(config["dataset"], size=settings["calibration_size"],
                                                     seed=config["seed"])
-        export.to_tflite(model, tflite_path, calibration)
-        export.to_c_array(tflite_path, out / "export", spec["name"].replace("-", "_"))
-        calibration_record.write_text(json.dumps({"split": "train", "indices": [int(i) for i in indices]}) + "\n")
-    indices = json.loads(calibration_record.read_text())["indices"]
-    x_parity, y_parity = data.load_arrays(config["dataset"], "test", limit=settings["parity_examples"])
-    parity = export.verify(model, tflite_path, (x_parity, y_parity), runtimes=("tflm",))
-    deployed = export.TFLiteModel(tflite_path)
+        x_parity, y_parity = data.load_arrays(config["dataset"], "test", limit=settings["parity_examples"])
+        export.export_and_verify(model, out / "export", name, calibration, (x_parity, y_parity), runtimes=("tflm",),
+                                 record={"calibration_split": "train", "calibration_indices": [int(i) for i in indices]})
+    parity = json.loads(parity_path.read_text())
+    deployed = export.TFLiteModel(out / "export" / f"{name}.tflite")
     n = min(settings["deployed_examples"], len(x))
     x_d, y_d = x[:n], y[:n]
+
+    def accuracy_per_eps(result):
+        return {str(e): float(np.mean(deployed(xa).argmax(-1) == y_d)) for e, xa in zip(result.epsilons, result.x_adv)}
+
     robust = {}
     epsilons = threat["epsilons"]
     input_range = data.info(config["dataset"]).input_range
     if "transfer" in settings["deployed_attacks"]:
         surrogate = attacks.PGD(epsilons, norm=threat["norm"], steps=20, input_range=input_range, seed=config["seed"])
         say(f"  {spec['name']}: transfer PGD-20 from the Keras model to TFLite Micro ({n} examples)")
-        result = surrogate.run(model, x_d, y_d)
-        robust["transfer"] = {str(e): float(np.mean(deployed(xa).argmax(-1) == y_d))
-                              for e, xa in zip(result.epsilons, result.x_adv)}
+        robust["transfer"] = accuracy_per_eps(surrogate.run(model, x_d, y_d))
     if "square" in settings["deployed_attacks"] and threat["norm"] == "linf":
         say(f"  {spec['name']}: Square ({settings['deployed_queries']} queries) on TFLite Micro ({n} examples)")
         square = attacks.Square(epsilons, queries=settings["deployed_queries"], input_range=input_range,
                                 seed=config["seed"])
-        result = square.run(deployed, x_d, y_d)
-        robust["square"] = {str(e): float(np.mean(deployed(xa).argmax(-1) == y_d))
-                            for e, xa in zip(result.epsilons, result.x_adv)}
-    record = {"model_bytes": parity.model_bytes, "arena_bytes": parity.arena_bytes, "examples": int(n),
-              "parity_examples": parity.examples, "agreement": parity.agreement["tflm"],
-              "max_logit_difference": parity.max_logit_difference["tflm"],
-              "keras_accuracy": parity.accuracy["keras"], "clean_accuracy": parity.accuracy["tflm"],
-              "robust_accuracy": robust, "calibration_indices_sha": _digest(indices)}
+        robust["square"] = accuracy_per_eps(square.run(deployed, x_d, y_d))
+    record = {"model_bytes": parity["model_bytes"], "arena_bytes": parity["arena_bytes"], "examples": int(n),
+              "parity_examples": parity["examples"], "agreement": parity["agreement"]["tflm"],
+              "max_logit_difference": parity["max_logit_difference"]["tflm"],
+              "keras_accuracy": parity["accuracy"]["keras"], "clean_accuracy": parity["accuracy"]["tflm"],
+              "robust_accuracy": robust, "calibration_indices_sha": _digest(parity["calibration_indices"])}
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     return record

@@ -8,6 +8,7 @@ the C source for firmware.
 """
 
 from tinyrobust.export.c_array import to_c_array
+from tinyrobust.export.deploy import export_and_verify
 from tinyrobust.export.fold import (
     FoldedBatchNorm,
     distinct_values_per_channel,
@@ -28,6 +29,7 @@ __all__ = [
     "RUNTIMES",
     "TFLiteModel",
     "distinct_values_per_channel",
+    "export_and_verify",
     "fold_model",
     "kernel_values_per_channel",
     "operator_names",

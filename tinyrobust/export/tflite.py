@@ -47,6 +47,18 @@ def _representative_array(representative_data, input_shape, limit):
     return data[:limit]
 
 
+def _operators(tflite_bytes):
+    """Yields (model, subgraph, operator, builtin name) for every operator of a flatbuffer."""
+    from tflite_micro.python.tflite_micro import runtime
+
+    model = runtime.convert_bytearray_to_object(bytearray(tflite_bytes))
+    names = {v: k for k, v in vars(runtime.schema_fb.BuiltinOperator).items() if not k.startswith("_")}
+    for subgraph in model.subgraphs:
+        for op in subgraph.operators or []:
+            code = runtime.get_builtin_code_from_operator_code(model.operatorCodes[op.opcodeIndex])
+            yield model, subgraph, op, names.get(code, "CUSTOM")
+
+
 def operator_names(tflite_bytes):
     """Names of the builtin operators a TFLite flatbuffer uses, sorted.
 
@@ -56,16 +68,7 @@ def operator_names(tflite_bytes):
     Returns:
         A sorted list such as ["CONV_2D", "FULLY_CONNECTED", ...].
     """
-    from tflite_micro.python.tflite_micro import runtime
-
-    model = runtime.convert_bytearray_to_object(bytearray(tflite_bytes))
-    names = {v: k for k, v in vars(runtime.schema_fb.BuiltinOperator).items() if not k.startswith("_")}
-    used = set()
-    for subgraph in model.subgraphs:
-        for op in subgraph.operators or []:
-            used.add(names.get(runtime.get_builtin_code_from_operator_code(model.operatorCodes[op.opcodeIndex]),
-                               "CUSTOM"))
-    return sorted(used)
+    return sorted({name for _, _, _, name in _operators(tflite_bytes)})
 
 
 _WEIGHT_OPS = {"CONV_2D": 1, "DEPTHWISE_CONV_2D": 1, "FULLY_CONNECTED": 1}
@@ -86,23 +89,19 @@ def kernel_values_per_channel(tflite_bytes):
     """
     from tflite_micro.python.tflite_micro import runtime
 
-    model = runtime.convert_bytearray_to_object(bytearray(tflite_bytes))
-    names = {v: k for k, v in vars(runtime.schema_fb.BuiltinOperator).items() if not k.startswith("_")}
     result = []
-    for subgraph in model.subgraphs:
-        for op in subgraph.operators or []:
-            op_name = names.get(runtime.get_builtin_code_from_operator_code(model.operatorCodes[op.opcodeIndex]))
-            if op_name not in _WEIGHT_OPS:
-                continue
-            tensor = subgraph.tensors[op.inputs[_WEIGHT_OPS[op_name]]]
-            raw = model.buffers[tensor.buffer].data
-            if raw is None or tensor.type != runtime.schema_fb.TensorType.INT8:
-                continue
-            values = np.asarray(raw, np.uint8).view(np.int8).reshape(tensor.shape)
-            axis = tensor.quantization.quantizedDimension if tensor.quantization else 0
-            channels = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
-            count = max(len(np.unique(channel)) for channel in channels)
-            result.append((op_name, tensor.name.decode() if isinstance(tensor.name, bytes) else tensor.name, count))
+    for model, subgraph, op, op_name in _operators(tflite_bytes):
+        if op_name not in _WEIGHT_OPS:
+            continue
+        tensor = subgraph.tensors[op.inputs[_WEIGHT_OPS[op_name]]]
+        raw = model.buffers[tensor.buffer].data
+        if raw is None or tensor.type != runtime.schema_fb.TensorType.INT8:
+            continue
+        values = np.asarray(raw, np.uint8).view(np.int8).reshape(tensor.shape)
+        axis = tensor.quantization.quantizedDimension if tensor.quantization else 0
+        channels = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
+        count = max(len(np.unique(channel)) for channel in channels)
+        result.append((op_name, tensor.name.decode() if isinstance(tensor.name, bytes) else tensor.name, count))
     return result
 
 
