@@ -30,11 +30,17 @@ LINF = [
     lambda eps: attacks.APGD(eps, steps=10, loss="dlr"),
     lambda eps: attacks.DeepFool(eps, norm="linf", steps=10),
     lambda eps: attacks.Square(eps, queries=200),
+    lambda eps: attacks.SimBA(eps, queries=200),
+    lambda eps: attacks.HopSkipJump(eps, norm="linf", queries=300),
 ]
 L2 = [
     lambda eps: attacks.PGD(eps, norm="l2", steps=5),
     lambda eps: attacks.CarliniWagnerL2(eps, steps=20, binary_search_steps=2),
     lambda eps: attacks.DeepFool(eps, norm="l2", steps=10),
+    lambda eps: attacks.Square(eps, norm="l2", queries=100),
+    lambda eps: attacks.SimBA(eps, norm="l2", queries=200),
+    lambda eps: attacks.HopSkipJump(eps, queries=300),
+    lambda eps: attacks.Boundary(eps, queries=300),
 ]
 
 
@@ -87,18 +93,48 @@ def test_targeted_dlr_lifts_target_above_predicted_class(trained):
     assert np.mean(logits[rows, target] > logits[rows, predicted]) >= 0.8
 
 
-def test_square_reports_queries(trained):
+@pytest.mark.parametrize("attack", [attacks.Square(0.1, queries=30), attacks.Square(1.0, norm="l2", queries=30),
+                                    attacks.SimBA(0.1, queries=30), attacks.HopSkipJump(1.0, queries=200),
+                                    attacks.HopSkipJump(1.0, queries=5), attacks.Boundary(1.0, queries=100)])
+def test_black_box_attacks_report_queries_within_budget(trained, attack):
     model, x, y = trained
-    result = attacks.Square(0.1, queries=30).run(model, x[:20], y[:20])
+    result = attack.run(model, x[:20], y[:20])
     assert result.queries[0].shape == (20,)
-    assert 1 <= result.queries[0].min() and result.queries[0].max() <= 30
+    assert 1 <= result.queries[0].min() and result.queries[0].max() <= attack.queries
 
 
-def test_square_runs_on_a_plain_callable(trained):
+def test_score_based_attacks_run_on_a_plain_callable(trained):
     model, x, y = trained
     as_function = lambda batch: np.asarray(model(batch, training=False))  # noqa: E731
-    result = attacks.Square(0.1, queries=30).run(as_function, x[:10], y[:10])
-    assert result.success[0].shape == (10,)
+    for attack in [attacks.Square(0.1, queries=30), attacks.SimBA(1.0, norm="l2", queries=30)]:
+        result = attack.run(as_function, x[:10], y[:10])
+        np.testing.assert_array_equal(result.success[0], attack.run(model, x[:10], y[:10]).success[0])
+
+
+def test_score_based_attacks_refuse_label_only_models(trained):
+    model, x, y = trained
+    labels_only = lambda batch: np.argmax(model(batch, training=False), axis=-1)  # noqa: E731
+    with pytest.raises(ValueError, match="logits"):
+        attacks.SimBA(0.1, queries=10).run(labels_only, x[:4], y[:4])
+
+
+@pytest.mark.parametrize("make", [lambda: attacks.HopSkipJump([0.5, 2.0], queries=200),
+                                  lambda: attacks.Boundary([0.5, 2.0], queries=100)])
+def test_decision_based_attacks_need_only_labels(trained, make):
+    model, x, y = trained
+    labels_only = lambda batch: np.argmax(model(batch, training=False), axis=-1)  # noqa: E731
+    on_labels, on_logits = make().run(labels_only, x[:20], y[:20]), make().run(model, x[:20], y[:20])
+    for a, b in zip(on_labels.x_adv, on_logits.x_adv):  # same decisions, same seed: the same walk
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_array_equal(on_labels.queries[0], on_logits.queries[0])
+
+
+def test_decision_based_attacks_approach_white_box_strength(trained):
+    model, x, y = trained
+    x, y = x[:50], y[:50]
+    pgd = attacks.PGD(2.0, norm="l2", steps=20).run(model, x, y).success[0].mean()
+    hsj = attacks.HopSkipJump(2.0, queries=2000).run(model, x, y).success[0].mean()
+    assert 0.3 < hsj <= pgd + 0.02, (hsj, pgd)
 
 
 def test_transfer_uses_surrogate_and_scores_target(trained):
@@ -215,6 +251,12 @@ def test_check_model_flags_gradient_masking(trained):
         (lambda: attacks.APGD(0.1, loss="hinge"), "Received: loss='hinge'"),
         (lambda: attacks.Square(0.1, queries=0), "Received: queries=0"),
         (lambda: attacks.Square(0.1, p_init=1.5), "Received: p_init=1.5"),
+        (lambda: attacks.SimBA(0.1, step_size=0.01), "Received: step_size=0.01"),
+        (lambda: attacks.SimBA(0.1, basis="dct"), "Received: basis='dct'"),
+        (lambda: attacks.SimBA(0.1, norm="l2", basis="haar"), "Received: basis='haar'"),
+        (lambda: attacks.HopSkipJump(0.5, init_evals=100, max_evals=10), "Received: max_evals=10"),
+        (lambda: attacks.HopSkipJump(0.5, norm="l1"), "Received: norm='l1'"),
+        (lambda: attacks.Boundary(0.5, source_step=1.0), "Received: source_step=1.0"),
         (lambda: attacks.CarliniWagnerL2(0.5, learning_rate=0), "Received: learning_rate=0"),
         (lambda: attacks.EOT(attacks.FGSM(0.1), samples=0), "Received: samples=0"),
         (lambda: attacks.PGD(0.1, input_range=(1, 0)), r"Received: input_range=\(1, 0\)"),

@@ -142,6 +142,10 @@ def test_tflite_model_is_an_attack_target(tmp_path, trained_stq):
     assert result.queries[0].max() <= 30
     adversarial_accuracy = np.mean(runner(result.x_adv[0]).argmax(-1) == y)
     assert adversarial_accuracy <= np.mean(runner(x).argmax(-1) == y)
+    before = runner.queries
+    decision = tr.attacks.HopSkipJump(2.0, queries=150).run(runner, x, y)  # label decisions of the interpreter
+    assert decision.queries[0].max() <= 150 and runner.queries - before >= decision.queries[0].sum()
+    assert decision.success[0].mean() >= 1 - np.mean(runner(x).argmax(-1) == y)
 
 
 def test_tflite_export_callback_exports_best_epoch(tmp_path):

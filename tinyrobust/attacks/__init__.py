@@ -8,7 +8,8 @@ traceable building blocks.
 
 from tinyrobust.attacks import kernels
 from tinyrobust.attacks.base import Attack, AttackResult
-from tinyrobust.attacks.blackbox import Square, Transfer
+from tinyrobust.attacks.blackbox import SimBA, Square, Transfer
+from tinyrobust.attacks.decision import Boundary, HopSkipJump
 from tinyrobust.attacks.evaluation import (
     EOT,
     CheckReport,
@@ -19,6 +20,7 @@ from tinyrobust.attacks.evaluation import (
 from tinyrobust.attacks.gradient import APGD, FGSM, MIM, PGD, CarliniWagnerL2, DeepFool
 
 __all__ = [
-    "APGD", "Attack", "AttackResult", "CarliniWagnerL2", "CheckReport", "DeepFool", "EOT", "FGSM", "MIM", "PGD",
-    "RobustnessReport", "Square", "Transfer", "check_model", "kernels", "robust_accuracy",
+    "APGD", "Attack", "AttackResult", "Boundary", "CarliniWagnerL2", "CheckReport", "DeepFool", "EOT", "FGSM",
+    "HopSkipJump", "MIM", "PGD", "RobustnessReport", "SimBA", "Square", "Transfer", "check_model", "kernels",
+    "robust_accuracy",
 ]

@@ -76,6 +76,7 @@ class Attack:
     """
 
     norms = kernels.NORMS
+    black_box = False  # True for attacks that only query outputs (scores or labels)
 
     def __init__(self, eps, norm="linf", targeted=False, input_range=(0.0, 1.0), seed=0):
         self.epsilons = check_epsilons(eps)
@@ -182,3 +183,42 @@ class Attack:
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
+
+
+class MinimumNormAttack(Attack):
+    """An attack that searches, once per batch, for the smallest adversarial
+    perturbation it can find; every eps then reuses that search.
+
+    Subclasses implement `minimum_norm(model, x, y, goal)` returning the
+    best adversarial inputs (the clean input where none was found) and the
+    queries used per example (or None). At each eps the result is that
+    perturbation when it is within eps, otherwise its projection onto the eps
+    ball, and success is measured on the model.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._search = {}
+
+    def minimum_norm(self, model, x, y, goal):
+        """Smallest adversarial inputs found and queries per example.
+
+        Args:
+            model: the attacked model.
+            x: clean inputs.
+            y: labels (targets when targeted).
+            goal: a norm below which an example needs no further search
+                (the smallest positive eps).
+
+        Returns:
+            `(x_adv, queries)`.
+        """
+        raise NotImplementedError
+
+    def _attack(self, model, x, y, eps):
+        key = (id(model), x.tobytes(), y.tobytes())
+        if key not in self._search:  # one search serves every eps
+            goal = min(e for e in self.epsilons if e > 0)
+            self._search = {key: self.minimum_norm(model, x, y, goal)}
+        return self._search[key]
+

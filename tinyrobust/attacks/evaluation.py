@@ -91,7 +91,7 @@ def attack_kind(attack):
     inner = attack.attack if isinstance(attack, EOT) else attack
     if isinstance(inner, blackbox.Transfer):
         return "transfer"
-    if isinstance(inner, blackbox.Square):
+    if inner.black_box:
         return "black-box"
     if isinstance(inner, gradient.FGSM) or (isinstance(inner, gradient.PGD) and inner.steps == 1):
         return "single-step"

@@ -11,7 +11,13 @@ import tensorflow as tf
 from keras import ops
 
 from tinyrobust.attacks import kernels
-from tinyrobust.attacks.base import Attack, labels_of, logits_function, predict
+from tinyrobust.attacks.base import (
+    Attack,
+    MinimumNormAttack,
+    labels_of,
+    logits_function,
+    predict,
+)
 from tinyrobust.validation import check_number
 
 __all__ = ["PGD", "FGSM", "MIM", "APGD", "CarliniWagnerL2", "DeepFool"]
@@ -248,7 +254,7 @@ class APGD(Attack):
                 "rho": self.rho}
 
 
-class CarliniWagnerL2(Attack):
+class CarliniWagnerL2(MinimumNormAttack):
     """Carlini and Wagner's L2 attack (2017): minimum-norm adversarials.
 
     Optimises in tanh space `||x' - x||^2 + c * max(margin, -confidence)` with
@@ -278,7 +284,6 @@ class CarliniWagnerL2(Attack):
         self.binary_search_steps = check_number("binary_search_steps", binary_search_steps, low=1, integer=True)
         self.steps = check_number("steps", steps, low=1, integer=True)
         self.learning_rate = check_number("learning_rate", learning_rate, low=0, low_open=True)
-        self._minimum = {}
 
     def _build(self, model):
         fn = logits_function(model)
@@ -318,8 +323,8 @@ class CarliniWagnerL2(Attack):
 
         return run
 
-    def minimum_norm(self, model, x, y):
-        """Smallest adversarial found per example and its L2 norm (inf where none)."""
+    def minimum_norm(self, model, x, y, goal=None):
+        """Smallest adversarial found per example (the input where none), and None queries (white-box)."""
         run = self.compiled(model, self._build)
         n = len(x)
         const = np.full(n, self.initial_const, "float32")
@@ -334,13 +339,6 @@ class CarliniWagnerL2(Attack):
             upper = np.where(found, np.minimum(upper, const), upper)
             lower = np.where(found, lower, np.maximum(lower, const))
             const = np.where(np.isfinite(upper), (lower + upper) / 2, const * 10).astype("float32")
-        return best, best_norm
-
-    def _attack(self, model, x, y, eps):
-        key = (id(model), x.tobytes(), y.tobytes())
-        if key not in self._minimum:  # one search serves every eps
-            self._minimum = {key: self.minimum_norm(model, x, y)}
-        best, _ = self._minimum[key]
         return best, None
 
     def get_config(self):

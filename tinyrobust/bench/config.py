@@ -18,9 +18,10 @@ from tinyrobust.validation import check_number
 ATTACKS = {
     "FGSM": attacks.FGSM, "PGD": attacks.PGD, "MIM": attacks.MIM, "APGD": attacks.APGD,
     "CarliniWagnerL2": attacks.CarliniWagnerL2, "DeepFool": attacks.DeepFool, "Square": attacks.Square,
+    "SimBA": attacks.SimBA, "HopSkipJump": attacks.HopSkipJump, "Boundary": attacks.Boundary,
 }
 NORMS = ("linf", "l2")
-_ONLY_NORM = {"Square": "linf", "CarliniWagnerL2": "l2"}
+_ONLY_NORM = {"CarliniWagnerL2": "l2", "Boundary": "l2"}
 _TOP = {"name", "description", "dataset", "seed", "train", "models", "threat_models", "export", "profiles"}
 _TRAIN = {"epochs", "batch_size", "learning_rate", "limit", "augment", "validation_fraction"}
 _MODEL = {"name", "architecture", "quantization", "options", "jacobian", "adversary"}
@@ -28,7 +29,7 @@ _ADVERSARY = {"method", "epsilon", "steps", "step_size", "beta"}
 _THREAT = {"epsilons", "examples", "attacks"}
 _EXPORT = {"enabled", "calibration_size", "parity_examples", "deployed_examples", "deployed_attacks",
            "deployed_queries"}
-_DEPLOYED_ATTACKS = ("transfer", "square")
+_DEPLOYED_ATTACKS = ("transfer", "square", "hopskipjump")
 _DEFAULTS = {
     "seed": 0,
     "train": {"epochs": 1, "batch_size": 64, "learning_rate": 1e-3, "limit": None, "augment": False,
@@ -196,7 +197,7 @@ def load(path, profile=None):
         _number(f"export.{key}", config["export"][key], low=1, integer=True)
     for attack in config["export"]["deployed_attacks"]:
         if attack not in _DEPLOYED_ATTACKS:
-            raise ExperimentError(f"Unknown deployed attack (allowed: transfer, square). "
+            raise ExperimentError(f"Unknown deployed attack (allowed: {', '.join(_DEPLOYED_ATTACKS)}). "
                                   f"Received: export.deployed_attacks={attack!r}")
     _check_models(config)
     _check_threat_models(config, data.info(config["dataset"]).input_range)

@@ -88,7 +88,7 @@ def train(config, spec, out, verbose=True):
 
 
 def _deployed(config, spec, model, out, x, y, threat, say):
-    """Exports the model and evaluates the TFLite Micro artifact (clean, transfer, Square)."""
+    """Exports the model and evaluates the TFLite Micro artifact (clean, transfer, Square, HopSkipJump)."""
     settings = config["export"]
     record_path = out / "export" / f"{spec['name']}__{threat['norm']}.deployed.json"
     if record_path.is_file():
@@ -116,11 +116,13 @@ def _deployed(config, spec, model, out, x, y, threat, say):
         surrogate = attacks.PGD(epsilons, norm=threat["norm"], steps=20, input_range=input_range, seed=config["seed"])
         say(f"  {spec['name']}: transfer PGD-20 from the Keras model to TFLite Micro ({n} examples)")
         robust["transfer"] = accuracy_per_eps(surrogate.run(model, x_d, y_d))
-    if "square" in settings["deployed_attacks"] and threat["norm"] == "linf":
-        say(f"  {spec['name']}: Square ({settings['deployed_queries']} queries) on TFLite Micro ({n} examples)")
-        square = attacks.Square(epsilons, queries=settings["deployed_queries"], input_range=input_range,
+    queries = settings["deployed_queries"]
+    black_box = {"square": attacks.Square, "hopskipjump": attacks.HopSkipJump}
+    for key in [key for key in settings["deployed_attacks"] if key in black_box]:
+        attack = black_box[key](epsilons, norm=threat["norm"], queries=queries, input_range=input_range,
                                 seed=config["seed"])
-        robust["square"] = accuracy_per_eps(square.run(deployed, x_d, y_d))
+        say(f"  {spec['name']}: {type(attack).__name__} ({queries} queries) on TFLite Micro ({n} examples)")
+        robust[key] = accuracy_per_eps(attack.run(deployed, x_d, y_d))
     record = {"model_bytes": parity["model_bytes"], "arena_bytes": parity["arena_bytes"], "examples": int(n),
               "parity_examples": parity["examples"], "agreement": parity["agreement"]["tflm"],
               "max_logit_difference": parity["max_logit_difference"]["tflm"],
