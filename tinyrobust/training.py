@@ -208,8 +208,17 @@ class RobustModel(keras.Model):
         steps = 1 if adversary.method == "fgsm_rs" else adversary.steps
         return kernels.pgd(loss_fn, x, eps, step, steps, adversary.norm, start, adversary.input_range)
 
-    def _forward(self, x):
-        """Logits, Jacobian terms (dict, unweighted) of one training forward pass."""
+    def forward_with_jacobian(self, x):
+        """One training forward pass.
+
+        Args:
+            x: a batch of inputs.
+
+        Returns:
+            `(logits, terms)`: `terms` maps each regularised tensor ("input" or a
+            layer name) to its unweighted per-batch Jacobian term; empty without
+            a regularizer.
+        """
         if self.jacobian is None:
             return self(x, training=True), {}
         projections = self.jacobian.num_projections
@@ -222,6 +231,10 @@ class RobustModel(keras.Model):
         norms = jacobian_norms(tape, logits, sources, projections, seed=self._aux.projection_seed)
         return logits, dict(zip(names, norms))
 
+    def jacobian_penalty(self, terms):
+        """The weighted Jacobian loss `sum_l 0.5 * w_l * term_l`, times `jacobian_scale`."""
+        return sum(0.5 * self.jacobian.layers[n] * t for n, t in terms.items()) * self.jacobian_scale
+
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x = ops.convert_to_tensor(x)
@@ -232,11 +245,11 @@ class RobustModel(keras.Model):
         x_train = x if x_adv is None or trades else x_adv
 
         with tf.GradientTape() as tape:
-            logits, terms = self._forward(x_train)
+            logits, terms = self.forward_with_jacobian(x_train)
             ce = self._compute_loss(x=x_train, y=y, y_pred=logits, sample_weight=sample_weight, training=True)
             loss = ce
             if terms:
-                jacobian = sum(0.5 * self.jacobian.layers[n] * t for n, t in terms.items()) * self.jacobian_scale
+                jacobian = self.jacobian_penalty(terms)
                 # Like the compiled loss, the per-replica mean is divided by the replica count,
                 # so that summing gradients over replicas gives the global-batch mean.
                 loss = loss + jacobian / self._replicas()
