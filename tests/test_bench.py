@@ -43,6 +43,12 @@ attacks = { fgsm = { type = "FGSM" } }
         (BASE.replace('"small_cnn"', '"lenet"'), "architecture='lenet'"),
         (BASE.replace('"fashion_mnist"', '"mnist"'), "dataset='mnist'"),
         (BASE + "\n[train]\nepochs = -1\n", "train.epochs=-1"),
+        (BASE.replace('options = { width = 4 }', 'distill = { teacher = "later" }'), "distill.teacher='later'"),
+        (BASE.replace('options = { width = 4 }', 'distill = { teacher = "m" }'), "distill.teacher='m'"),
+        (BASE.replace('options = { width = 4 }', 'distill = { teacher = "missing.keras" }'), "missing.keras"),
+        (BASE.replace('options = { width = 4 }', 'distill = { teacher = "t", method = "mse" }'), "method='mse'"),
+        (BASE.replace('options = { width = 4 }', 'distill = { teacher = "t", method = "kd" }\n'
+                      'adversary = { method = "pgd", epsilon = 0.1 }'), "remove the adversary"),
     ],
 )
 def test_invalid_experiment_fails_before_work_naming_the_key(tmp_path, text, message):
@@ -146,3 +152,24 @@ def test_synthetic_kws_experiment_smoke(tmp_path, monkeypatch):
     config = bench.load(EXPERIMENTS / "synthetic_kws_dscnn.toml", profile="smoke")
     results = bench.run(config, tmp_path / "run", verbose=False)
     assert len(results) == len(config["models"]) and all(r["quality_target"] is None for r in results)
+
+
+def test_two_stage_distillation_smoke_and_student_stage_from_a_saved_teacher(tmp_path):
+    config = bench.load(EXPERIMENTS / "fashion_mnist_ard.toml", profile="smoke")
+    results = bench.run(config, tmp_path / "both", verbose=False)
+    by_name = {r["model"]["name"]: r for r in results}
+    assert set(by_name) == {"teacher", "stq_ard"}
+    assert by_name["stq_ard"]["model"]["distill"] == {"teacher": "teacher", "method": "ard", "alpha": 0.9}
+    assert by_name["stq_ard"]["model"]["quantization"] == "stq"  # the saved model is the student
+    assert by_name["stq_ard"]["model"]["params"] < by_name["teacher"]["model"]["params"]
+    # Stage two on its own, from the saved teacher file (as on another machine).
+    teacher = tmp_path / "elsewhere" / "teacher.keras"
+    teacher.parent.mkdir()
+    teacher.write_bytes((tmp_path / "both" / "models" / "teacher.keras").read_bytes())
+    text = (EXPERIMENTS / "fashion_mnist_ard.toml").read_text().replace('teacher = "teacher"', f'teacher = "{teacher}"')
+    student_only = bench.load(_write(tmp_path, text), profile="smoke")
+    student_only["models"] = [m for m in student_only["models"] if m["name"] != "teacher"]
+    student_only["export"]["enabled"] = False
+    results = bench.run(student_only, tmp_path / "student", verbose=False)
+    assert [r["model"]["name"] for r in results] == ["stq_ard"]
+    assert results[0]["model"]["distill"]["teacher"] == str(teacher)

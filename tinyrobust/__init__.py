@@ -13,6 +13,7 @@ from tinyrobust import (
     jacobian,
     layers,
     models,
+    multiexit,
     quantizers,
     training,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "jacobian",
     "layers",
     "models",
+    "multiexit",
     "quantizers",
     "summary",
     "training",

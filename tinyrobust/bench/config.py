@@ -12,7 +12,7 @@ import inspect
 import pathlib
 import tomllib
 
-from tinyrobust import attacks, data, models, quantizers
+from tinyrobust import attacks, data, distill, models, quantizers
 from tinyrobust.validation import check_number
 
 ATTACKS = {
@@ -24,7 +24,8 @@ NORMS = ("linf", "l2")
 _ONLY_NORM = {"CarliniWagnerL2": "l2", "Boundary": "l2"}
 _TOP = {"name", "description", "dataset", "seed", "train", "models", "threat_models", "export", "profiles"}
 _TRAIN = {"epochs", "batch_size", "learning_rate", "limit", "augment", "validation_fraction"}
-_MODEL = {"name", "architecture", "quantization", "options", "jacobian", "adversary"}
+_MODEL = {"name", "architecture", "quantization", "options", "jacobian", "adversary", "distill"}
+_DISTILL = {"teacher", "method", "temperature", "alpha"}
 _ADVERSARY = {"method", "epsilon", "steps", "step_size", "beta"}
 _THREAT = {"epsilons", "examples", "attacks"}
 _EXPORT = {"enabled", "calibration_size", "parity_examples", "deployed_examples", "deployed_attacks",
@@ -99,6 +100,44 @@ def _check_models(config):
                 raise ExperimentError("Expected `adversary.method` to be 'pgd', 'trades' or 'fgsm_rs'. "
                                       f"Received: {where}adversary.method={adversary.get('method')!r}")
             _number(f"{where}adversary.epsilon", adversary.get("epsilon"), low=0, low_open=True)
+        if model.get("distill") is not None:
+            _check_distill(where, model, names - {model["name"]})
+
+
+def _check_distill(where, model, earlier):
+    """A student's `distill` table: a teacher trained earlier in the file (or a `.keras` path) and a method.
+
+    A teacher path is resolved against the working directory and stored absolute.
+    """
+    spec = model["distill"]
+    prefix, where = where, f"{where}distill."
+    if not isinstance(spec, dict):
+        raise ExperimentError(f"Expected `{where[:-1]}` to be a table. Received: distill={spec!r}")
+    _unknown(where, spec, _DISTILL)
+    if spec.get("method", "ard") not in distill.METHODS:
+        raise ExperimentError(f"Unknown distillation method (allowed: {', '.join(distill.METHODS)}). "
+                              f"Received: {where}method={spec.get('method')!r}")
+    adversary = model.get("adversary")
+    if spec.get("method", "ard") != "kd" and adversary is not None and adversary["method"] == "trades":
+        raise ExperimentError(f"A distilled student's adversary crafts the distillation attack ('pgd' or 'fgsm_rs'). "
+                              f"Received: {prefix}adversary.method='trades'")
+    if spec.get("method") == "kd" and adversary is not None:
+        raise ExperimentError(f"method 'kd' distils on clean inputs: remove the adversary. "
+                              f"Received: {prefix}adversary={adversary!r}")
+    for key, bounds in (("temperature", {"low": 0, "low_open": True}), ("alpha", {"low": 0, "high": 1})):
+        if key in spec:
+            _number(f"{where}{key}", spec[key], **bounds)
+    teacher = spec.get("teacher")
+    if not isinstance(teacher, str):
+        raise ExperimentError(f"Expected `{where}teacher` to name a model. Received: teacher={teacher!r}")
+    if teacher.endswith(".keras"):
+        path = pathlib.Path(teacher).resolve()
+        if not path.is_file():
+            raise ExperimentError(f"Teacher model file not found: {path}. Received: {where}teacher={teacher!r}")
+        spec["teacher"] = str(path)
+    elif teacher not in earlier:
+        raise ExperimentError(f"The teacher must be a model listed before the student, or a .keras file "
+                              f"(listed before: {', '.join(sorted(earlier)) or 'none'}). Received: {where}teacher={teacher!r}")
 
 
 def _check_threat_models(config, input_range):

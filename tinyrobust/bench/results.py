@@ -5,7 +5,8 @@ Schema (version 1) of `results/<model>__<norm>.json`:
 - `schema_version` (int), `experiment` (str), `profile` (str or null),
   `dataset` (str), `seed` (int), `command` (str), `versions` ({package: version}),
 - `model`: `name`, `architecture`, `quantization`, `jacobian` ({layer: weight}),
-  `adversary` (table or null), `params`, `int8_bytes`, `packed_bytes`
+  `adversary` (table or null), `distill` (the student's `{teacher, method, ...}`
+  or null), `params`, `int8_bytes`, `packed_bytes`
   (from `tinyrobust.summary`), `bits` ({layer: {weight: bits}}),
 - `threat_model`: `norm`, `epsilons`, `examples`,
 - `clean_accuracy` (float), `robust_accuracy` ({attack: {eps: accuracy}}),
@@ -14,7 +15,7 @@ Schema (version 1) of `results/<model>__<norm>.json`:
 - `quality_target`: null, or `{"metric": "clean_accuracy", "target": t, "met": bool}`
   (MLPerf Tiny's target for the model and data set),
 - `deployed`: null, or `model_bytes`, `arena_bytes`, `examples`, `agreement`,
-  `clean_accuracy`, `robust_accuracy` ({"transfer"|"square": {eps: accuracy}}),
+  `clean_accuracy`, `robust_accuracy` ({"transfer"|"square"|"hopskipjump": {eps: accuracy}}),
   `max_logit_difference`,
 - `wall_time_s`: {"train", "evaluate", "export"}.
 """

@@ -9,7 +9,7 @@ import time
 import keras
 import numpy as np
 
-from tinyrobust import attacks, data, export, models
+from tinyrobust import attacks, data, distill, export, models
 from tinyrobust.bench import results as results_lib
 from tinyrobust.bench.config import build_attack
 from tinyrobust.footprint import summary
@@ -41,13 +41,27 @@ class _Say:
             print(message, flush=True)
 
 
-def _build(config, spec, dataset_info):
+def _build(config, spec, dataset_info, out):
+    """The model to `fit`: plain, a `RobustModel`, or a `RobustDistiller` around the student."""
     model = models.get(spec["architecture"], quantization=spec["quantization"], num_classes=dataset_info.num_classes,
                        input_shape=dataset_info.input_shape, **spec["options"])
     jacobian = JacobianRegularizer(layers=dict(spec["jacobian"])) if spec.get("jacobian") else None
     adversary = None
     if spec.get("adversary"):
         adversary = AdversarialTraining(input_range=dataset_info.input_range, seed=config["seed"], **spec["adversary"])
+    teaching = spec.get("distill")
+    if teaching is not None:
+        student = model if jacobian is None else RobustModel.wrap(model, jacobian=jacobian, name=spec["name"])
+        teacher = teaching["teacher"]
+        path = pathlib.Path(teacher) if teacher.endswith(".keras") else out / "models" / f"{teacher}.keras"
+        method = teaching.get("method", "ard")
+        if method != "kd" and adversary is None:  # the dataset's threat scale: 8/255 of its input range
+            low, high = dataset_info.input_range
+            adversary = AdversarialTraining("pgd", epsilon=8 / 255 * (high - low), steps=10,
+                                            input_range=dataset_info.input_range, seed=config["seed"])
+        return distill.RobustDistiller(student, keras.saving.load_model(path), method=method,
+                                       temperature=teaching.get("temperature"), alpha=teaching.get("alpha"),
+                                       adversary=adversary, name=f"distill_{spec['name']}")
     if jacobian is None and adversary is None:
         return model
     return RobustModel.wrap(model, jacobian=jacobian, adversary=adversary, name=spec["name"])
@@ -68,9 +82,12 @@ def train(config, spec, out, verbose=True):
     dataset_info = data.info(config["dataset"])
     recipe = config["train"]
     keras.utils.set_random_seed(config["seed"])
-    model = _build(config, spec, dataset_info)
-    model.compile(optimizer=keras.optimizers.Adam(recipe["learning_rate"]),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model = _build(config, spec, dataset_info, out)
+    if isinstance(model, distill.RobustDistiller):  # the loss comes from the distillation method
+        model.compile(optimizer=keras.optimizers.Adam(recipe["learning_rate"]))
+    else:
+        model.compile(optimizer=keras.optimizers.Adam(recipe["learning_rate"]),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     train_data = data.load(config["dataset"], "train", batch_size=recipe["batch_size"], seed=config["seed"],
                            limit=recipe["limit"], augment=recipe["augment"],
                            validation_fraction=recipe["validation_fraction"])
@@ -81,6 +98,8 @@ def train(config, spec, out, verbose=True):
     seconds = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.stem + ".partial.keras")
+    if isinstance(model, distill.RobustDistiller):  # what is evaluated and deployed is the student
+        model = model.student
     model.save(partial)
     partial.replace(path)
     (out / "models" / f"{spec['name']}.train.json").write_text(json.dumps({"seconds": seconds}) + "\n")
@@ -211,6 +230,7 @@ def run(config, out_dir, command="", verbose=True):
                 "model": {"name": spec["name"], "architecture": spec["architecture"],
                           "quantization": spec["quantization"], "options": spec["options"],
                           "jacobian": spec.get("jacobian", {}), "adversary": spec.get("adversary"),
+                          "distill": spec.get("distill"),
                           "params": footprint.params, "int8_bytes": footprint.int8_bytes,
                           "packed_bytes": footprint.packed_bytes, "bits": bits},
                 "threat_model": {"norm": norm, "epsilons": threat["epsilons"], "examples": int(len(x))},

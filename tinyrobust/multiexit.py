@@ -1,0 +1,411 @@
+"""Multi-exit networks: early exits on a backbone, early-exit inference,
+attacks on all exits, and NEO-KD adversarial training (Ham et al., NeurIPS 2023).
+
+A multi-exit model is a functional `keras.Model` whose outputs are a list of
+logits, one per exit, the backbone's own logits last.
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from tinyrobust.attacks import kernels
+from tinyrobust.attacks.base import Attack
+from tinyrobust.training import AdversarialTraining
+from tinyrobust.validation import check_choice, check_number
+
+__all__ = ["EarlyExitResult", "MultiExitPGD", "NEOKD", "attach_exits", "early_exit", "exit_accuracies", "exit_macs",
+           "neokd_loss", "orthogonal_classes"]
+
+
+def attach_exits(backbone, exit_layers, name=None):
+    """Adds an early exit (global average pooling, then a dense layer) after each named layer.
+
+    Args:
+        backbone: a functional model with one logits output.
+        exit_layers: names of the layers whose outputs feed an exit, from the
+            input towards the output.
+        name: model name; default `<backbone>_multiexit`.
+
+    Returns:
+        A functional model sharing the backbone's layers, with outputs
+        `[exit_1, ..., exit_k, backbone logits]`.
+    """
+    if not getattr(backbone, "outputs", None) or len(backbone.outputs) != 1:
+        raise ValueError(f"Expected a functional backbone with one logits output. Received: backbone={backbone.name!r}")
+    if not exit_layers:
+        raise ValueError(f"Expected at least one exit layer. Received: exit_layers={exit_layers!r}")
+    names = [layer.name for layer in backbone.layers]
+    unknown = [n for n in exit_layers if n not in names]
+    if unknown:
+        raise ValueError(f"Unknown exit layers {unknown}; the backbone's layers are {names}. "
+                         f"Received: exit_layers={list(exit_layers)!r}")
+    classes = backbone.outputs[0].shape[-1]
+    outputs = []
+    for i, layer_name in enumerate(exit_layers, start=1):
+        features = backbone.get_layer(layer_name).output
+        if len(features.shape) > 2:
+            features = keras.layers.GlobalAveragePooling2D(name=f"exit_{i}_pool")(features)
+        outputs.append(keras.layers.Dense(classes, name=f"exit_{i}")(features))
+    return keras.Model(backbone.inputs, [*outputs, backbone.outputs[0]], name=name or f"{backbone.name}_multiexit")
+
+
+def _layer_macs(layer):
+    """Multiply-accumulates of one call of a layer with a kernel (conv, depthwise conv, dense)."""
+    kernel = getattr(layer, "kernel", None) if not hasattr(layer, "depthwise_kernel") else layer.depthwise_kernel
+    if kernel is None:
+        return 0
+    spatial = layer.output.shape[1:-1]
+    return int(np.prod([d for d in spatial if d is not None] or [1]) * np.prod(kernel.shape))
+
+
+def exit_macs(model):
+    """Cumulative multiply-accumulates to reach each exit (earlier exits' heads included).
+
+    Returns:
+        A list with one int per output of `model`.
+    """
+    seen, totals, total = set(), [], 0
+    for output in model.outputs:
+        for layer in keras.Model(model.inputs, output).layers:
+            if layer.name not in seen:
+                seen.add(layer.name)
+                total += _layer_macs(layer)
+        totals.append(total)
+    return totals
+
+
+def _exit_logits(model, x, batch_size=256):
+    """Per-exit numpy logits of a multi-exit model: a list of (n, classes) arrays."""
+    chunks = [model(tf.constant(x[i:i + batch_size], tf.float32), training=False) for i in range(0, len(x), batch_size)]
+    return [np.concatenate([np.asarray(c[k]) for c in chunks]) for k in range(len(chunks[0]))]
+
+
+@dataclasses.dataclass
+class EarlyExitResult:
+    """Confidence-thresholded early-exit inference.
+
+    Attributes:
+        predictions: predicted label per example.
+        exits: index of the exit taken per example.
+        macs: multiply-accumulates spent per example.
+        average_macs: mean of `macs`.
+        relative_compute: `average_macs` over the cost of running every exit.
+    """
+
+    predictions: np.ndarray
+    exits: np.ndarray
+    macs: np.ndarray
+    average_macs: float
+    relative_compute: float
+
+
+def early_exit(model, x, threshold=0.9, batch_size=256):
+    """Each example leaves at the first exit whose top softmax probability reaches `threshold` (else the last).
+
+    Args:
+        model: a multi-exit model.
+        x: inputs.
+        threshold: confidence in (0, 1].
+        batch_size: inference batch size.
+
+    Returns:
+        An `EarlyExitResult`.
+    """
+    threshold = check_number("threshold", threshold, low=0, high=1, low_open=True)
+    logits = _exit_logits(model, np.asarray(x, "float32"), batch_size)
+    probabilities = np.stack([tf.nn.softmax(z).numpy() for z in logits])  # (exits, n, classes)
+    confident = probabilities.max(axis=2) >= threshold
+    confident[-1] = True
+    exits = np.argmax(confident, axis=0)
+    predictions = probabilities.argmax(axis=2)[exits, np.arange(len(exits))]
+    costs = np.asarray(exit_macs(model))
+    macs = costs[exits]
+    return EarlyExitResult(predictions, exits, macs, float(macs.mean()), float(macs.mean() / costs[-1]))
+
+
+def exit_accuracies(model, x, y, batch_size=256):
+    """Top-1 accuracy of every exit on `(x, y)`: a list of floats."""
+    return [float(np.mean(z.argmax(-1) == np.asarray(y))) for z in _exit_logits(model, np.asarray(x, "float32"),
+                                                                                 batch_size)]
+
+
+def _average_ce(outputs, y):
+    return ops.mean(ops.stack([kernels.cross_entropy(z, y) for z in outputs]), axis=0)
+
+
+class MultiExitPGD(Attack):
+    """PGD against a multi-exit model (Hu et al. 2020; Ham et al. 2023).
+
+    - `target=k` (an int): the single-exit attack on exit k's cross-entropy.
+    - `target="average"`: maximises the cross-entropy averaged over exits.
+    - `target="max_average"`: runs every single-exit attack and keeps, per
+      example, the one with the largest average cross-entropy over exits.
+
+    Success is measured on exit `success_exit` (default the last).
+
+    Args:
+        eps: radius or list of radii.
+        target: an exit index, "average" or "max_average".
+        norm: "linf" or "l2".
+        steps: PGD steps.
+        rel_step_size: step size relative to eps.
+        random_start: start from a random point of the ball.
+        success_exit: the exit whose prediction decides success.
+        input_range: valid (low, high) of the inputs.
+        seed: seed of the random start.
+    """
+
+    def __init__(self, eps=8 / 255, *, target="average", norm="linf", steps=10, rel_step_size=0.25, random_start=True,
+                 success_exit=-1, input_range=(0.0, 1.0), seed=0):
+        super().__init__(eps, norm=norm, targeted=False, input_range=input_range, seed=seed)
+        if not (isinstance(target, (int, np.integer)) and not isinstance(target, bool)):
+            target = check_choice("target", target, ("average", "max_average"))
+        self.target = target
+        self.steps = check_number("steps", steps, low=1, integer=True)
+        self.rel_step_size = check_number("rel_step_size", rel_step_size, low=0, low_open=True)
+        self.random_start = bool(random_start)
+        self.success_exit = int(success_exit)
+
+    def _build(self, model):
+        norm, input_range, steps = self.norm, self.input_range, self.steps
+
+        @tf.function(reduce_retracing=True)
+        def run(x, y, eps, exit_index, start):
+            def loss_fn(z):
+                outputs = model(z, training=False)
+                if exit_index < 0:
+                    return _average_ce(outputs, y)
+                return kernels.cross_entropy(tf.gather(tf.stack(outputs), exit_index), y)
+
+            return kernels.pgd(loss_fn, x, eps, self.rel_step_size * eps, steps, norm, start, input_range)
+
+        @tf.function(reduce_retracing=True)
+        def average_loss(x, y):
+            return _average_ce(model(x, training=False), y)
+
+        return run, average_loss
+
+    def _attack(self, model, x, y, eps):
+        run, average_loss = self.compiled(model, self._build)
+        exits = len(model.outputs)
+        x_t, y_t, eps_t = tf.constant(x), tf.constant(y), tf.constant(eps, tf.float32)
+        start = (kernels.random_start(x_t, eps_t, self.norm, seed=self.seed) if self.random_start
+                 else tf.zeros_like(x_t))
+        if self.target == "average":
+            return run(x_t, y_t, eps_t, tf.constant(-1), start).numpy(), None
+        if self.target != "max_average":
+            if not -exits <= self.target < exits:
+                raise ValueError(f"The model has {exits} exits. Received: target={self.target}")
+            return run(x_t, y_t, eps_t, tf.constant(self.target % exits), start).numpy(), None
+        best, best_loss = None, None
+        for k in range(exits):
+            candidate = run(x_t, y_t, eps_t, tf.constant(k), start)
+            loss = average_loss(candidate, y_t).numpy()
+            if best is None:
+                best, best_loss = candidate.numpy(), loss
+            else:
+                better = loss > best_loss
+                best[better], best_loss[better] = candidate.numpy()[better], loss[better]
+        return best, None
+
+    def run(self, model, x, y=None):
+        if y is None:
+            y = _exit_logits(model, np.asarray(x, "float32"))[self.success_exit].argmax(-1)
+        return super().run(model, x, y)
+
+    def is_success(self, model, x_adv, y):
+        return _exit_logits(model, x_adv)[self.success_exit].argmax(-1) != y
+
+    def get_config(self):
+        config = super().get_config()
+        del config["targeted"]
+        return {**config, "target": self.target, "steps": self.steps, "rel_step_size": self.rel_step_size,
+                "random_start": self.random_start, "success_exit": self.success_exit}
+
+
+def orthogonal_classes(num_exits, num_classes, seed=None):
+    """A random partition of the classes among the exits: a (exits, classes) 0/1 float mask.
+
+    Class `perm[j]` goes to exit `j % num_exits`, so no two exits share a class.
+    """
+    order = keras.random.shuffle(ops.arange(num_classes), seed=seed)
+    owner = ops.mod(ops.arange(num_classes), num_exits)
+    owners = ops.scatter(ops.expand_dims(order, 1), owner, (num_classes,))
+    return ops.cast(ops.equal(ops.expand_dims(ops.arange(num_exits), 1), ops.expand_dims(owners, 0)), "float32")
+
+
+def neokd_loss(clean_logits, adv_logits, y, keep, alpha=3.0, beta=1.0, exit_weights=None):
+    """NEO-KD's training loss.
+
+    For each exit i, with weights `w_i` (equal by default):
+    `w_i * [CE(adv_i, y) + alpha * KL(mean_{j in N(i)} softmax(clean_j) || softmax(adv_i))
+    + beta * KL(q_i || softmax(adv_i))]`, where N(i) = {i-1, i, i+1} within
+    the exits (neighbour KD) and `q_i` is exit i's clean softmax restricted to
+    the true class plus the classes `keep[i]` assigns to exit i, renormalised
+    (exit-wise orthogonal KD). Clean outputs are targets: no gradient flows
+    through them. Terms are averaged over the batch.
+
+    Args:
+        clean_logits: list of (batch, classes) logits on clean inputs, one per exit.
+        adv_logits: the same on adversarial inputs.
+        y: integer labels.
+        keep: (exits, classes) 0/1 mask, e.g. `orthogonal_classes(...)`.
+        alpha: weight of neighbour KD.
+        beta: weight of exit-wise orthogonal KD.
+        exit_weights: one weight per exit, or None for 1 / exits each.
+
+    Returns:
+        `(loss, ce, nkd, eokd)`: the total and the three weighted-over-exits,
+        unscaled terms.
+    """
+    exits = len(clean_logits)
+    if len(adv_logits) != exits:
+        raise ValueError(f"Expected as many adversarial as clean outputs. Received: {len(adv_logits)} and {exits}")
+    weights = [1.0 / exits] * exits if exit_weights is None else list(exit_weights)
+    if len(weights) != exits:
+        raise ValueError(f"Expected one weight per exit ({exits}). Received: exit_weights={exit_weights!r}")
+    clean = [ops.stop_gradient(ops.softmax(z, axis=-1)) for z in clean_logits]
+    classes = clean_logits[0].shape[-1]
+    onehot = ops.one_hot(y, classes, dtype=clean[0].dtype)
+    ce = nkd = eokd = 0.0
+    for i, adv in enumerate(adv_logits):
+        log_q = ops.log_softmax(adv, axis=-1)
+        ensemble = sum(clean[j] for j in (i - 1, i, i + 1) if 0 <= j < exits) / len(
+            [j for j in (i - 1, i, i + 1) if 0 <= j < exits])
+        restricted = clean[i] * ops.maximum(ops.cast(keep[i], clean[i].dtype)[None, :], onehot)
+        restricted = restricted / ops.sum(restricted, axis=-1, keepdims=True)
+        ce += weights[i] * ops.mean(kernels.cross_entropy(adv, y))
+        nkd += weights[i] * ops.mean(_kl(ensemble, log_q))
+        eokd += weights[i] * ops.mean(_kl(restricted, log_q))
+    return ce + alpha * nkd + beta * eokd, ce, nkd, eokd
+
+
+def _kl(p, log_q):
+    """Per-example KL(p || q) for probabilities `p` (zeros allowed) and log-probabilities `log_q`."""
+    safe = ops.where(p > 0, p, 1.0)
+    return ops.sum(ops.where(p > 0, p * (ops.log(safe) - log_q), 0.0), axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="tinyrobust")
+class NEOKD(keras.Model):
+    """Adversarial training of a multi-exit model with NEO-KD, driven by `compile(optimizer=...)` and `fit`.
+
+    Each step crafts adversarial examples against all exits (the average
+    attack, or the max-average attack), then minimises `neokd_loss` with a
+    fresh orthogonal class partition. `alpha=beta=0` gives plain multi-exit
+    adversarial training. Logged: `loss`, `ce`, `nkd`, `eokd` and the clean
+    accuracy of every exit (`exit_<k>_accuracy`). Calling it runs the model.
+
+    Args:
+        model: a multi-exit model (`attach_exits`).
+        alpha: neighbour-KD weight (paper: 3).
+        beta: exit-wise orthogonal KD weight (paper: 1).
+        exit_weights: per-exit weights (default equal).
+        adversary: `AdversarialTraining` ("pgd" or "fgsm_rs") or its config;
+            default PGD-10 at 8/255.
+        attack: "average" or "max_average".
+        seed: seed of the class partitions.
+        name: model name.
+    """
+
+    def __init__(self, model, alpha=3.0, beta=1.0, exit_weights=None, adversary=None, attack="average", seed=None,
+                 name=None, **kwargs):
+        super().__init__(name=name or f"neokd_{model.name}", **kwargs)
+        if not isinstance(model, keras.Model) or len(model.outputs) < 2:
+            raise ValueError(f"Expected a multi-exit model (several logits outputs). Received: model={model!r}")
+        self.network = model
+        self.alpha = float(check_number("alpha", alpha, low=0))
+        self.beta = float(check_number("beta", beta, low=0))
+        exits = len(model.outputs)
+        if exit_weights is not None:
+            if len(exit_weights) != exits:
+                raise ValueError(f"Expected one weight per exit ({exits}). Received: exit_weights={exit_weights!r}")
+            for w in exit_weights:
+                check_number("exit_weights", w, low=0)
+        self.exit_weights = None if exit_weights is None else [float(w) for w in exit_weights]
+        adversary = AdversarialTraining("pgd", epsilon=8 / 255, steps=10) if adversary is None else adversary
+        if isinstance(adversary, dict):
+            adversary = AdversarialTraining.from_config(adversary)
+        if not isinstance(adversary, AdversarialTraining) or adversary.method not in ("pgd", "fgsm_rs"):
+            raise ValueError(f"Expected an AdversarialTraining with method 'pgd' or 'fgsm_rs'. Received: adversary={adversary!r}")
+        self.adversary = adversary
+        self.attack = check_choice("attack", attack, ("average", "max_average"))
+        self.seed = seed
+        self._partition_seed = keras.random.SeedGenerator(seed)
+        self._attack_seed = keras.random.SeedGenerator(adversary.seed)
+        self._trackers = {n: keras.metrics.Mean(name=n) for n in ("loss", "ce", "nkd", "eokd")}
+        for k in range(1, exits + 1):
+            self._trackers[f"exit_{k}_accuracy"] = keras.metrics.SparseCategoricalAccuracy(name=f"exit_{k}_accuracy")
+        self.built = model.built
+
+    def call(self, inputs, training=False):
+        return self.network(inputs, training=training)
+
+    @property
+    def metrics(self):
+        return list(self._trackers.values())
+
+    def _adversarial_examples(self, x, y):
+        adversary = self.adversary
+        eps = ops.cast(adversary.epsilon, x.dtype)
+        step = adversary.step_size_for(eps)
+        steps = 1 if adversary.method == "fgsm_rs" else adversary.steps
+        start = kernels.random_start(x, eps, adversary.norm, seed=self._attack_seed)
+
+        def attack(loss_fn):
+            return kernels.pgd(loss_fn, x, eps, step, steps, adversary.norm, start, adversary.input_range)
+
+        if self.attack == "average":
+            return attack(lambda z: _average_ce(self.network(z, training=False), y))
+        best, best_loss = None, None
+        for k in range(len(self.network.outputs)):
+            candidate = attack(lambda z, k=k: kernels.cross_entropy(self.network(z, training=False)[k], y))
+            loss = _average_ce(self.network(candidate, training=False), y)
+            if best is None:
+                best, best_loss = candidate, loss
+            else:
+                better = ops.reshape(loss > best_loss, (-1,) + (1,) * (len(x.shape) - 1))
+                best, best_loss = ops.where(better, candidate, best), ops.maximum(loss, best_loss)
+        return best
+
+    def train_step(self, data):
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        x = ops.convert_to_tensor(x)
+        x_adv = self._adversarial_examples(x, y)
+        classes = self.network.outputs[0].shape[-1]
+        keep = orthogonal_classes(len(self.network.outputs), classes, seed=self._partition_seed)
+        with tf.GradientTape() as tape:
+            clean = self.network(x, training=True)
+            adv = self.network(x_adv, training=True)
+            loss, ce, nkd, eokd = neokd_loss(clean, adv, y, keep, self.alpha, self.beta, self.exit_weights)
+            scaled = self.optimizer.scale_loss(loss)
+        weights = self.network.trainable_weights
+        self.optimizer.apply_gradients(zip(tape.gradient(scaled, weights), weights))
+        for name, value in (("loss", loss), ("ce", ce), ("nkd", nkd), ("eokd", eokd)):
+            self._trackers[name].update_state(value)
+        for k, z in enumerate(clean, start=1):
+            self._trackers[f"exit_{k}_accuracy"].update_state(y, z)
+        return {m.name: m.result() for m in self.metrics}
+
+    def test_step(self, data):
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        outputs = self.network(x, training=False)
+        self._trackers["ce"].update_state(ops.mean(_average_ce(outputs, y)))
+        for k, z in enumerate(outputs, start=1):
+            self._trackers[f"exit_{k}_accuracy"].update_state(y, z)
+        return {m.name: m.result() for m in self.metrics if m.name == "ce" or m.name.startswith("exit_")}
+
+    def get_config(self):
+        return {"name": self.name, "model": keras.saving.serialize_keras_object(self.network), "alpha": self.alpha,
+                "beta": self.beta, "exit_weights": self.exit_weights, "adversary": self.adversary.get_config(),
+                "attack": self.attack, "seed": self.seed}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["model"] = keras.saving.deserialize_keras_object(config["model"], custom_objects=custom_objects)
+        return cls(**config)
