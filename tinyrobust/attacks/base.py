@@ -22,10 +22,18 @@ def check_epsilons(eps):
 
 
 def logits_function(model):
-    """A callable mapping a float32 batch to logits, for a Keras model or any callable."""
-    if isinstance(model, keras.Layer):
-        return lambda x: model(x, training=False)
-    return model
+    """A callable mapping a float32 batch to logits, for a Keras model or any callable.
+
+    For a Keras model it is a `tf.function`, built once and kept on the model
+    (eager calls of quantized layers cost several times a compiled call).
+    """
+    if not isinstance(model, keras.Layer):
+        return model
+    fn = getattr(model, "_tinyrobust_logits", None)
+    if fn is None:
+        fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        object.__setattr__(model, "_tinyrobust_logits", fn)  # untracked by Keras; not saved
+    return fn
 
 
 def predict(model, x, batch_size=512):
