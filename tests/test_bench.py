@@ -80,8 +80,8 @@ def test_smoke_run_end_to_end_resumes_and_reports(tmp_path, capsys):
     for path in (out / "results").iterdir():
         result = results_lib.validate(json.loads(path.read_text()))
         assert result["deployed"]["arena_bytes"] > 0 and set(result["deployed"]["robust_accuracy"]) == {
-            "transfer", "square"}
-        assert set(result["robust_accuracy"]) == {"fgsm", "pgd", "square"}
+            "transfer", "square", "hopskipjump"}
+        assert set(result["robust_accuracy"]) == {"fgsm", "pgd", "square", "hopskipjump"}
         assert result["command"].startswith("tinyrobust bench") and result["versions"]["keras"].startswith("3.")
     stq = json.loads((out / "results" / "stq__linf.json").read_text())
     flt = json.loads((out / "results" / "float__linf.json").read_text())
