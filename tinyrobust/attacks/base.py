@@ -36,6 +36,17 @@ def logits_function(model):
     return fn
 
 
+def per_example_norm(t, norm):
+    """Numpy `norm` ("linf" or "l2") of each example of a batch."""
+    flat = t.reshape(len(t), -1)
+    return np.abs(flat).max(axis=1) if norm == "linf" else np.sqrt(np.sum(flat ** 2, axis=1))
+
+
+def per_example(v, like):
+    """Reshapes per-example values `v` to broadcast against the batch `like`."""
+    return np.reshape(v, (-1,) + (1,) * (like.ndim - 1))
+
+
 def predict(model, x, batch_size=512):
     """Numpy logits (or labels, for label-only callables) of `model` on `x`."""
     fn = logits_function(model)
@@ -138,7 +149,10 @@ class Attack:
 
     def is_success(self, model, x_adv, y):
         """Per-example success of `x_adv` against `model`."""
-        predicted = labels_of(predict(model, x_adv))
+        return self.reached(labels_of(predict(model, x_adv)), y)
+
+    def reached(self, predicted, y):
+        """Per-example success of predicted labels: wrong (untargeted) or the target (targeted)."""
         return predicted == y if self.targeted else predicted != y
 
     def _project(self, x, x_adv, eps):
@@ -147,9 +161,7 @@ class Attack:
         if self.norm == "linf":
             delta = np.clip(delta, -eps, eps)
         else:
-            norms = np.sqrt(np.sum(delta.reshape(len(x), -1) ** 2, axis=1))
-            scale = np.minimum(1.0, eps / np.maximum(norms, 1e-12)).reshape((-1,) + (1,) * (x.ndim - 1))
-            delta = delta * scale
+            delta = delta * per_example(np.minimum(1.0, eps / np.maximum(per_example_norm(delta, "l2"), 1e-12)), x)
         return np.clip(x + delta, *self.input_range).astype("float32")
 
     def first_success(self, model, y, candidates):
@@ -169,7 +181,7 @@ class Attack:
             if best is None:
                 best = candidate
             else:
-                broken = self.is_success(model, best, y).reshape((-1,) + (1,) * (best.ndim - 1))
+                broken = per_example(self.is_success(model, best, y), best)
                 best = np.where(broken, best, candidate)
         return best
 

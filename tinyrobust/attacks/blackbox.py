@@ -7,7 +7,14 @@ import numpy as np
 import tensorflow as tf
 
 from tinyrobust.attacks import kernels
-from tinyrobust.attacks.base import Attack, AttackResult, labels_of, predict
+from tinyrobust.attacks.base import (
+    Attack,
+    AttackResult,
+    labels_of,
+    per_example,
+    per_example_norm,
+    predict,
+)
 from tinyrobust.validation import check_choice, check_number
 
 __all__ = ["SimBA", "Square", "Transfer"]
@@ -110,7 +117,7 @@ class Square(Attack):
                 for left in range(0, width - side + 1, side):
                     signs = rng.choice([-1.0, 1.0], size=(n, 1, 1, channels))
                     delta[:, top:top + side, left:left + side, :] += _l2_window(side, rng)[None, :, :, None] * signs
-            delta *= eps / np.sqrt(np.sum(delta.reshape(n, -1) ** 2, axis=1)).reshape(-1, 1, 1, 1)
+            delta *= per_example(eps / per_example_norm(delta, "l2"), delta)
         return np.clip(x + delta, *self.input_range).astype("float32")
 
     def _propose(self, rng, x, x_best, eps, side):
@@ -130,7 +137,7 @@ class Square(Attack):
                                                                                slice(left2, left2 + side))
         both = np.zeros((1, height, width, 1))
         both[(0, *window, 0)] = both[(0, *window2, 0)] = 1.0
-        total = np.sqrt(np.sum(delta.reshape(n, -1) ** 2, axis=1)).reshape(-1, 1, 1, 1)
+        total = per_example(per_example_norm(delta, "l2"), delta)
         in_windows = _norm_over_window(delta * both)
         old = delta[:, window[0], window[1], :]
         new = _l2_window(side, rng)[None, :, :, None] * rng.choice([-1.0, 1.0], size=(n, 1, 1, channels))
@@ -139,7 +146,7 @@ class Square(Attack):
         budget = np.sqrt(np.maximum(eps ** 2 - total ** 2, 0.0) / channels + in_windows ** 2)
         delta[:, window2[0], window2[1], :] = 0.0
         delta[:, window[0], window[1], :] = new / _norm_over_window(new) * budget
-        norms = np.sqrt(np.sum(delta.reshape(n, -1) ** 2, axis=1)).reshape(-1, 1, 1, 1)
+        norms = per_example(per_example_norm(delta, "l2"), delta)
         return np.clip(x + delta * eps / np.maximum(norms, 1e-12), low, high).astype("float32")
 
     def get_config(self):
@@ -239,7 +246,7 @@ class SimBA(Attack):
         order = self._order(rng, shape, n)
         x_best = x.reshape(n, -1).astype("float64")
         score, predicted = self._probability(model, x, y)
-        done = (predicted == y) if self.targeted else (predicted != y)
+        done = self.reached(predicted, y)
         used = np.ones(n, dtype=np.int64)
         kept_steps = np.zeros(n, dtype=np.int64)
         for i in range(size):
@@ -256,7 +263,7 @@ class SimBA(Attack):
                 kept = active[better]
                 x_best[kept], score[kept] = candidate[better], new_score[better]
                 kept_steps[kept] += 1
-                done[kept] = ((labels == y[active]) if self.targeted else (labels != y[active]))[better]
+                done[kept] = self.reached(labels, y[active])[better]
                 # Directions the first sign did not improve try the other sign, within budget.
                 keep = ~better & (used[active] < self.queries)
                 active, direction = active[keep], direction[keep]

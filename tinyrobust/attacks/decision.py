@@ -7,19 +7,16 @@ it towards the clean input along the decision boundary. Untargeted only.
 
 import numpy as np
 
-from tinyrobust.attacks.base import MinimumNormAttack, labels_of, predict
+from tinyrobust.attacks.base import (
+    MinimumNormAttack,
+    labels_of,
+    per_example,
+    per_example_norm,
+    predict,
+)
 from tinyrobust.validation import check_number
 
 __all__ = ["Boundary", "HopSkipJump"]
-
-
-def _flat_norm(t, norm):
-    flat = t.reshape(len(t), -1)
-    return np.abs(flat).max(axis=1) if norm == "linf" else np.sqrt(np.sum(flat ** 2, axis=1))
-
-
-def _expand(v, like):
-    return np.reshape(v, (-1,) + (1,) * (like.ndim - 1))
 
 
 class _Oracle:
@@ -38,8 +35,8 @@ class _Oracle:
 def _blend(x, x_adv, alpha, norm, input_range):
     """Points between `x` (alpha=0) and `x_adv` (alpha=1): linear for L2, a shrinking box for L-inf."""
     if norm == "l2":
-        return x + _expand(alpha, x) * (x_adv - x)
-    radius = _expand(alpha * _flat_norm(x_adv - x, "linf"), x)
+        return x + per_example(alpha, x) * (x_adv - x)
+    radius = per_example(alpha * per_example_norm(x_adv - x, "linf"), x)
     return np.clip(np.clip(x_adv, x - radius, x + radius), *input_range)
 
 
@@ -139,7 +136,7 @@ class HopSkipJump(_DecisionAttack):
         theta = self.gamma / (size ** 1.5 if self.norm == "l2" else size ** 2)
         search_steps = max(self._search_steps(x), int(np.ceil(np.log2(1.0 / theta))))
         search_steps = min(search_steps, 25)
-        distance = _flat_norm(x_adv - x, self.norm)
+        distance = per_example_norm(x_adv - x, self.norm)
         span = self.input_range[1] - self.input_range[0]
         for t in range(1, self.queries + 1):
             evals = int(min(self.init_evals * np.sqrt(t), self.max_evals))
@@ -156,11 +153,11 @@ class HopSkipJump(_DecisionAttack):
             direction = self._estimate_normal(oracle, active, boundary, radius, evals, rng)
             if self.norm == "linf":
                 direction = np.sign(direction)
-            step = _flat_norm(boundary - xa, self.norm) / np.sqrt(t)
+            step = per_example_norm(boundary - xa, self.norm) / np.sqrt(t)
             moved = boundary.copy()
             pending = np.arange(active.size)
             for _ in range(10):  # geometric step search: halve until still misclassified
-                candidate = np.clip(boundary[pending] + _expand(step[pending], boundary) * direction[pending],
+                candidate = np.clip(boundary[pending] + per_example(step[pending], boundary) * direction[pending],
                                     *self.input_range)
                 adversarial = oracle(candidate, active[pending])
                 moved[pending[adversarial]] = candidate[adversarial]
@@ -169,7 +166,7 @@ class HopSkipJump(_DecisionAttack):
                 if pending.size == 0:
                     break
             new = _binary_search(oracle, active, xa, moved, self.norm, self.input_range, search_steps)
-            new_distance = _flat_norm(new - xa, self.norm)
+            new_distance = per_example_norm(new - xa, self.norm)
             better = new_distance < distance[active]
             x_adv[active[better]], distance[active[better]] = new[better], new_distance[better]
         return x_adv, oracle.queries
@@ -191,7 +188,7 @@ class HopSkipJump(_DecisionAttack):
         # Baseline the signs unless all probes agree (then their mean direction is used as is).
         centred = np.where(np.abs(mean) == 1.0, signs, signs - mean)
         normal = np.mean(centred.reshape(per_probe) * probes, axis=1)
-        return normal / _expand(np.maximum(_flat_norm(normal, "l2"), 1e-12), normal)
+        return normal / per_example(np.maximum(per_example_norm(normal, "l2"), 1e-12), normal)
 
     def get_config(self):
         return {**super().get_config(), "init_evals": self.init_evals, "max_evals": self.max_evals,
@@ -233,23 +230,23 @@ class Boundary(_DecisionAttack):
         spherical = np.full(n, self.spherical_step)
         source = np.full(n, self.source_step)
         spherical_hits, source_hits, tried = np.zeros(n), np.zeros(n), np.zeros(n)
-        distance = _flat_norm(x_adv - x, "l2")
+        distance = per_example_norm(x_adv - x, "l2")
         while True:
             active = np.flatnonzero(found & ~wrong & (distance > goal) & (oracle.queries + 2 <= self.queries))
             if active.size == 0:
                 break
             xa, current, d = x[active], x_adv[active], distance[active]
-            towards = (xa - current) / _expand(np.maximum(d, 1e-12), xa)
+            towards = (xa - current) / per_example(np.maximum(d, 1e-12), xa)
             noise = rng.normal(size=xa.shape)
-            noise -= _expand(np.sum((noise * towards).reshape(len(xa), -1), axis=1), xa) * towards  # orthogonal
-            noise *= _expand(spherical[active] * d / np.maximum(_flat_norm(noise, "l2"), 1e-12), xa)
-            on_sphere = xa + (current + noise - xa) * _expand(d / np.maximum(_flat_norm(current + noise - xa, "l2"),
+            noise -= per_example(np.sum((noise * towards).reshape(len(xa), -1), axis=1), xa) * towards  # orthogonal
+            noise *= per_example(spherical[active] * d / np.maximum(per_example_norm(noise, "l2"), 1e-12), xa)
+            on_sphere = xa + (current + noise - xa) * per_example(d / np.maximum(per_example_norm(current + noise - xa, "l2"),
                                                                               1e-12), xa)
             on_sphere = np.clip(on_sphere, *self.input_range)
-            candidate = np.clip(xa + (on_sphere - xa) * _expand(1.0 - source[active], xa), *self.input_range)
+            candidate = np.clip(xa + (on_sphere - xa) * per_example(1.0 - source[active], xa), *self.input_range)
             sphere_ok = oracle(on_sphere, active)
             candidate_ok = oracle(candidate, active)
-            new_distance = _flat_norm(candidate - xa, "l2")
+            new_distance = per_example_norm(candidate - xa, "l2")
             better = candidate_ok & (new_distance < d)
             x_adv[active[better]], distance[active[better]] = candidate[better], new_distance[better]
             spherical_hits[active] += sphere_ok

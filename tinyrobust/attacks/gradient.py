@@ -16,6 +16,8 @@ from tinyrobust.attacks.base import (
     MinimumNormAttack,
     labels_of,
     logits_function,
+    per_example,
+    per_example_norm,
     predict,
 )
 from tinyrobust.validation import check_number
@@ -28,9 +30,9 @@ def _start(rng, x, eps, norm):
     if norm == "linf":
         return rng.uniform(-eps, eps, size=x.shape).astype("float32")
     direction = rng.normal(size=x.shape)
-    direction /= np.sqrt(np.sum(direction.reshape(len(x), -1) ** 2, axis=1)).reshape((-1,) + (1,) * (x.ndim - 1))
+    direction /= per_example(per_example_norm(direction, "l2"), x)
     radius = eps * rng.uniform(size=len(x)) ** (1.0 / x[0].size)
-    return (direction * radius.reshape((-1,) + (1,) * (x.ndim - 1))).astype("float32")
+    return (direction * per_example(radius, x)).astype("float32")
 
 
 class PGD(Attack):
