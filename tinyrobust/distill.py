@@ -23,7 +23,7 @@ import tensorflow as tf
 from keras import ops
 
 from tinyrobust.attacks import kernels
-from tinyrobust.training import AdversarialTraining, RobustModel
+from tinyrobust.training import RobustModel, input_adversary
 from tinyrobust.validation import check_choice, check_number
 
 __all__ = ["METHODS", "RobustDistiller", "distillation_loss", "with_teacher_logits"]
@@ -126,12 +126,7 @@ class RobustDistiller(keras.Model):
         if self.method == "kd" and adversary is not None:
             raise ValueError(f"method='kd' distils on clean inputs only. Received: adversary={adversary!r}")
         if self.method != "kd":
-            adversary = AdversarialTraining("pgd", epsilon=8 / 255, steps=10) if adversary is None else adversary
-            if isinstance(adversary, dict):
-                adversary = AdversarialTraining.from_config(adversary)
-            if not isinstance(adversary, AdversarialTraining) or adversary.method not in ("pgd", "fgsm_rs"):
-                raise ValueError("Expected an AdversarialTraining with method 'pgd' or 'fgsm_rs'. "
-                                 f"Received: adversary={adversary!r}")
+            adversary = input_adversary(adversary)
         for role, model in (("student", student), ("teacher", teacher)):
             if not isinstance(model, keras.Model):
                 raise ValueError(f"Expected `{role}` to be a Keras model. Received: {role}={model!r}")
@@ -157,17 +152,11 @@ class RobustDistiller(keras.Model):
         return list(self._trackers.values())
 
     def _adversarial_examples(self, x, y, teacher_logits):
-        adversary = self.adversary
-        eps = ops.cast(adversary.epsilon, x.dtype)
-        step = adversary.step_size_for(eps)
-        steps = 1 if adversary.method == "fgsm_rs" else adversary.steps
         if self.method == "rslad":
             loss_fn = lambda z: soft_kl(teacher_logits, self.student(z, training=False), self.temperature)  # noqa: E731
-            start = 0.001 * keras.random.normal(ops.shape(x), dtype=x.dtype, seed=self._attack_seed)
-        else:
-            loss_fn = lambda z: kernels.cross_entropy(self.student(z, training=False), y)  # noqa: E731
-            start = kernels.random_start(x, eps, adversary.norm, seed=self._attack_seed)
-        return kernels.pgd(loss_fn, x, eps, step, steps, adversary.norm, start, adversary.input_range)
+            return self.adversary.perturb(loss_fn, x, self._attack_seed, start="small")
+        loss_fn = lambda z: kernels.cross_entropy(self.student(z, training=False), y)  # noqa: E731
+        return self.adversary.perturb(loss_fn, x, self._attack_seed)
 
     def _student_forward(self, x):
         if isinstance(self.student, RobustModel) and self.student.jacobian is not None:

@@ -14,11 +14,11 @@ from keras import ops
 
 from tinyrobust.attacks import kernels
 from tinyrobust.attacks.base import Attack
-from tinyrobust.training import AdversarialTraining
+from tinyrobust.training import input_adversary
 from tinyrobust.validation import check_choice, check_number
 
 __all__ = ["EarlyExitResult", "MultiExitPGD", "NEOKD", "attach_exits", "early_exit", "exit_accuracies", "exit_macs",
-           "neokd_loss", "orthogonal_classes"]
+           "multi_exit_attack", "neokd_loss", "orthogonal_classes"]
 
 
 def attach_exits(backbone, exit_layers, name=None):
@@ -137,6 +137,38 @@ def _average_ce(outputs, y):
     return ops.mean(ops.stack([kernels.cross_entropy(z, y) for z in outputs]), axis=0)
 
 
+def multi_exit_attack(model, y, target, perturb):
+    """Adversarial inputs against a multi-exit model (traceable).
+
+    Args:
+        model: a multi-exit model.
+        y: integer labels.
+        target: an exit index (that exit's cross-entropy), "average" (the
+            cross-entropy averaged over exits) or "max_average" (every
+            single-exit attack, keeping per example the one with the largest
+            average cross-entropy).
+        perturb: maps a per-example loss function to adversarial inputs (one
+            PGD run from the same start).
+
+    Returns:
+        Adversarial inputs.
+    """
+    if target == "average":
+        return perturb(lambda z: _average_ce(model(z, training=False), y))
+    if target != "max_average":
+        return perturb(lambda z: kernels.cross_entropy(model(z, training=False)[target], y))
+    best, best_loss = None, None
+    for k in range(len(model.outputs)):
+        candidate = perturb(lambda z, k=k: kernels.cross_entropy(model(z, training=False)[k], y))
+        loss = _average_ce(model(candidate, training=False), y)
+        if best is None:
+            best, best_loss = candidate, loss
+        else:
+            better = ops.reshape(loss > best_loss, (-1,) + (1,) * (len(candidate.shape) - 1))
+            best, best_loss = ops.where(better, candidate, best), ops.maximum(loss, best_loss)
+    return best
+
+
 class MultiExitPGD(Attack):
     """PGD against a multi-exit model (Hu et al. 2020; Ham et al. 2023).
 
@@ -171,46 +203,29 @@ class MultiExitPGD(Attack):
         self.success_exit = int(success_exit)
 
     def _build(self, model):
-        norm, input_range, steps = self.norm, self.input_range, self.steps
+        exits = len(model.outputs)
+        target = self.target
+        if not isinstance(target, str):
+            if not -exits <= target < exits:
+                raise ValueError(f"The model has {exits} exits. Received: target={target}")
+            target %= exits
 
         @tf.function(reduce_retracing=True)
-        def run(x, y, eps, exit_index, start):
-            def loss_fn(z):
-                outputs = model(z, training=False)
-                if exit_index < 0:
-                    return _average_ce(outputs, y)
-                return kernels.cross_entropy(tf.gather(tf.stack(outputs), exit_index), y)
+        def run(x, y, eps, start):
+            def perturb(loss_fn):
+                return kernels.pgd(loss_fn, x, eps, self.rel_step_size * eps, self.steps, self.norm, start,
+                                   self.input_range)
 
-            return kernels.pgd(loss_fn, x, eps, self.rel_step_size * eps, steps, norm, start, input_range)
+            return multi_exit_attack(model, y, target, perturb)
 
-        @tf.function(reduce_retracing=True)
-        def average_loss(x, y):
-            return _average_ce(model(x, training=False), y)
-
-        return run, average_loss
+        return run
 
     def _attack(self, model, x, y, eps):
-        run, average_loss = self.compiled(model, self._build)
-        exits = len(model.outputs)
-        x_t, y_t, eps_t = tf.constant(x), tf.constant(y), tf.constant(eps, tf.float32)
+        run = self.compiled(model, self._build)
+        x_t, eps_t = tf.constant(x), tf.constant(eps, tf.float32)
         start = (kernels.random_start(x_t, eps_t, self.norm, seed=self.seed) if self.random_start
                  else tf.zeros_like(x_t))
-        if self.target == "average":
-            return run(x_t, y_t, eps_t, tf.constant(-1), start).numpy(), None
-        if self.target != "max_average":
-            if not -exits <= self.target < exits:
-                raise ValueError(f"The model has {exits} exits. Received: target={self.target}")
-            return run(x_t, y_t, eps_t, tf.constant(self.target % exits), start).numpy(), None
-        best, best_loss = None, None
-        for k in range(exits):
-            candidate = run(x_t, y_t, eps_t, tf.constant(k), start)
-            loss = average_loss(candidate, y_t).numpy()
-            if best is None:
-                best, best_loss = candidate.numpy(), loss
-            else:
-                better = loss > best_loss
-                best[better], best_loss[better] = candidate.numpy()[better], loss[better]
-        return best, None
+        return run(x_t, tf.constant(y), eps_t, start).numpy(), None
 
     def run(self, model, x, y=None):
         if y is None:
@@ -327,12 +342,7 @@ class NEOKD(keras.Model):
             for w in exit_weights:
                 check_number("exit_weights", w, low=0)
         self.exit_weights = None if exit_weights is None else [float(w) for w in exit_weights]
-        adversary = AdversarialTraining("pgd", epsilon=8 / 255, steps=10) if adversary is None else adversary
-        if isinstance(adversary, dict):
-            adversary = AdversarialTraining.from_config(adversary)
-        if not isinstance(adversary, AdversarialTraining) or adversary.method not in ("pgd", "fgsm_rs"):
-            raise ValueError(f"Expected an AdversarialTraining with method 'pgd' or 'fgsm_rs'. Received: adversary={adversary!r}")
-        self.adversary = adversary
+        self.adversary = adversary = input_adversary(adversary)
         self.attack = check_choice("attack", attack, ("average", "max_average"))
         self.seed = seed
         self._partition_seed = keras.random.SeedGenerator(seed)
@@ -349,33 +359,14 @@ class NEOKD(keras.Model):
     def metrics(self):
         return list(self._trackers.values())
 
-    def _adversarial_examples(self, x, y):
-        adversary = self.adversary
-        eps = ops.cast(adversary.epsilon, x.dtype)
-        step = adversary.step_size_for(eps)
-        steps = 1 if adversary.method == "fgsm_rs" else adversary.steps
-        start = kernels.random_start(x, eps, adversary.norm, seed=self._attack_seed)
-
-        def attack(loss_fn):
-            return kernels.pgd(loss_fn, x, eps, step, steps, adversary.norm, start, adversary.input_range)
-
-        if self.attack == "average":
-            return attack(lambda z: _average_ce(self.network(z, training=False), y))
-        best, best_loss = None, None
-        for k in range(len(self.network.outputs)):
-            candidate = attack(lambda z, k=k: kernels.cross_entropy(self.network(z, training=False)[k], y))
-            loss = _average_ce(self.network(candidate, training=False), y)
-            if best is None:
-                best, best_loss = candidate, loss
-            else:
-                better = ops.reshape(loss > best_loss, (-1,) + (1,) * (len(x.shape) - 1))
-                best, best_loss = ops.where(better, candidate, best), ops.maximum(loss, best_loss)
-        return best
-
     def train_step(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         x = ops.convert_to_tensor(x)
-        x_adv = self._adversarial_examples(x, y)
+        # Every single-exit attack of the max-average attack starts from the same point.
+        start = kernels.random_start(x, ops.cast(self.adversary.epsilon, x.dtype), self.adversary.norm,
+                                     seed=self._attack_seed)
+        x_adv = multi_exit_attack(self.network, y, self.attack,
+                                  lambda loss_fn: self.adversary.perturb(loss_fn, x, self._attack_seed, start=start))
         classes = self.network.outputs[0].shape[-1]
         keep = orthogonal_classes(len(self.network.outputs), classes, seed=self._partition_seed)
         with tf.GradientTape() as tape:

@@ -60,6 +60,30 @@ class AdversarialTraining:
             return 1.25 * epsilon
         return 2.5 * epsilon / self.steps
 
+    def perturb(self, loss_fn, x, seed, epsilon=None, start="uniform"):
+        """Adversarial inputs maximising `loss_fn` within this threat model.
+
+        Args:
+            loss_fn: maps a batch of inputs to per-example losses.
+            x: clean inputs.
+            seed: `keras.random.SeedGenerator` of the random start.
+            epsilon: radius (a tensor when scheduled); default `self.epsilon`.
+            start: "uniform" (uniform in the ball), "small" (N(0, 0.001^2),
+                as TRADES and RSLAD start), or a given initial perturbation.
+
+        Returns:
+            Adversarial inputs, without gradient.
+        """
+        eps = ops.cast(self.epsilon if epsilon is None else epsilon, x.dtype)
+        steps = 1 if self.method == "fgsm_rs" else self.steps
+        if not isinstance(start, str):
+            delta = start
+        elif start == "small":
+            delta = 0.001 * keras.random.normal(ops.shape(x), dtype=x.dtype, seed=seed)
+        else:
+            delta = kernels.random_start(x, eps, self.norm, seed=seed)
+        return kernels.pgd(loss_fn, x, eps, self.step_size_for(eps), steps, self.norm, delta, self.input_range)
+
     def get_config(self):
         return {"method": self.method, "epsilon": self.epsilon, "steps": self.steps, "step_size": self.step_size,
                 "norm": self.norm, "beta": self.beta, "input_range": list(self.input_range), "seed": self.seed}
@@ -70,6 +94,24 @@ class AdversarialTraining:
 
     def __repr__(self):
         return f"AdversarialTraining(method={self.method!r}, epsilon={self.epsilon:.4g}, steps={self.steps})"
+
+
+def input_adversary(adversary):
+    """The adversary of a training mode that attacks one loss (distillation, NEO-KD).
+
+    Args:
+        adversary: an `AdversarialTraining` with method "pgd" or "fgsm_rs", its
+            config, or None for PGD-10 at 8/255 on [0, 1] inputs.
+
+    Returns:
+        An `AdversarialTraining`.
+    """
+    adversary = AdversarialTraining("pgd", epsilon=8 / 255, steps=10) if adversary is None else adversary
+    if isinstance(adversary, dict):
+        adversary = AdversarialTraining.from_config(adversary)
+    if not isinstance(adversary, AdversarialTraining) or adversary.method not in ("pgd", "fgsm_rs"):
+        raise ValueError(f"Expected an AdversarialTraining with method 'pgd' or 'fgsm_rs'. Received: adversary={adversary!r}")
+    return adversary
 
 
 def _deserialize(value, cls):
@@ -195,18 +237,13 @@ class RobustModel(keras.Model):
 
     def _adversarial_examples(self, x, y):
         adversary = self.adversary
-        eps = ops.cast(adversary.epsilon * self.epsilon_scale, x.dtype)
-        step = adversary.step_size_for(eps)
+        eps = adversary.epsilon * self.epsilon_scale
         seed = self._aux.attack_seed
         if adversary.method == "trades":
             clean = ops.stop_gradient(self(x, training=False))
             loss_fn = lambda z: kernels.kl_divergence(clean, self(z, training=False))  # noqa: E731
-            start = 0.001 * keras.random.normal(ops.shape(x), dtype=x.dtype, seed=seed)
-            return kernels.pgd(loss_fn, x, eps, step, adversary.steps, adversary.norm, start, adversary.input_range)
-        loss_fn = lambda z: kernels.cross_entropy(self(z, training=False), y)  # noqa: E731
-        start = kernels.random_start(x, eps, adversary.norm, seed=seed)
-        steps = 1 if adversary.method == "fgsm_rs" else adversary.steps
-        return kernels.pgd(loss_fn, x, eps, step, steps, adversary.norm, start, adversary.input_range)
+            return adversary.perturb(loss_fn, x, seed, epsilon=eps, start="small")
+        return adversary.perturb(lambda z: kernels.cross_entropy(self(z, training=False), y), x, seed, epsilon=eps)
 
     def forward_with_jacobian(self, x):
         """One training forward pass.
