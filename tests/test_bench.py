@@ -49,6 +49,20 @@ attacks = { fgsm = { type = "FGSM" } }
         (BASE.replace('options = { width = 4 }', 'distill = { teacher = "t", method = "mse" }'), "method='mse'"),
         (BASE.replace('options = { width = 4 }', 'distill = { teacher = "t", method = "kd" }\n'
                       'adversary = { method = "pgd", epsilon = 0.1 }'), "remove the adversary"),
+        (BASE.replace('options = { width = 4 }', 'exits = { layers = ["conv_9"] }'), "exits.layers='conv_9'"),
+        (BASE.replace('options = { width = 4 }', 'exits = { layers = [] }'), "exits.layers"),
+        (BASE.replace('options = { width = 4 }', 'exits = { layers = ["relu_1"], thresholds = [1.5] }'),
+         "exits.thresholds=1.5"),
+        (BASE.replace('options = { width = 4 }', 'exits = { layers = ["relu_1"] }\njacobian = { input = 0.1 }'),
+         "cannot also use `jacobian`"),
+        (BASE.replace('options = { width = 4 }', 'neokd = { alpha = 3 }'), "add `models\\[0\\].exits"),
+        (BASE.replace('options = { width = 4 }', 'exits = { layers = ["relu_1"] }\nneokd = { alpha = 3 }'),
+         "adversary=None"),
+        (BASE.replace('options = { width = 4 }', 'exits = { layers = ["relu_1"] }\nneokd = { attack = "max" }\n'
+                      'adversary = { method = "pgd", epsilon = 0.1 }'), "neokd.attack='max'"),
+        (BASE.replace('options = { width = 4 }', 'exits = { layers = ["relu_1"] }\nneokd = { exit_weights = [1] }\n'
+                      'adversary = { method = "pgd", epsilon = 0.1 }'), "exit_weights=\\[1\\]"),
+        (BASE + "\nmulti_exit = { targets = ['sum'] }\n", "targets=\\['sum'\\]"),
     ],
 )
 def test_invalid_experiment_fails_before_work_naming_the_key(tmp_path, text, message):
@@ -59,6 +73,29 @@ def test_invalid_experiment_fails_before_work_naming_the_key(tmp_path, text, mes
 def test_unknown_profile_is_rejected(tmp_path):
     with pytest.raises(bench.ExperimentError, match="profile='fast'"):
         bench.load(_write(tmp_path, BASE), profile="fast")
+
+
+def test_profile_attack_suites_replace_or_change_the_base_suite(tmp_path):
+    text = BASE.replace('fgsm = { type = "FGSM" }', 'fgsm = { type = "FGSM" }, pgd = { type = "PGD", steps = 20 }')
+    profiles = """
+[profiles.replace]
+threat_models.linf.attacks = { square = { type = "Square", queries = 5 } }
+[profiles.change]
+threat_models.linf.attacks.pgd.steps = 2
+[profiles.mixed]
+threat_models.linf.attacks = { square = { type = "Square" }, pgd = { steps = 2 } }
+[profiles.unknown]
+threat_models.linf.attacks.apgd.steps = 2
+"""
+    path = _write(tmp_path, text + profiles)
+    assert bench.load(path, profile="replace")["threat_models"]["linf"]["attacks"] == {
+        "square": {"type": "Square", "queries": 5}}
+    assert bench.load(path, profile="change")["threat_models"]["linf"]["attacks"] == {
+        "fgsm": {"type": "FGSM"}, "pgd": {"type": "PGD", "steps": 2}}
+    with pytest.raises(bench.ExperimentError, match="profiles.mixed.threat_models.linf.attacks"):
+        bench.load(path, profile="mixed")
+    with pytest.raises(bench.ExperimentError, match="profiles.unknown.threat_models.linf.attacks.apgd"):
+        bench.load(path, profile="unknown")
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in EXPERIMENTS.glob("*.toml")))
@@ -173,3 +210,27 @@ def test_two_stage_distillation_smoke_and_student_stage_from_a_saved_teacher(tmp
     results = bench.run(student_only, tmp_path / "student", verbose=False)
     assert [r["model"]["name"] for r in results] == ["stq_ard"]
     assert results[0]["model"]["distill"]["teacher"] == str(teacher)
+
+
+def test_multi_exit_models_train_with_neokd_and_report_every_exit(tmp_path):
+    text = BASE.replace('options = { width = 4 }', 'options = { width = 4 }\nexits = { layers = ["relu_1", "relu_2"], '
+                        'thresholds = [0.5, 0.9] }\nneokd = { attack = "max_average" }\n'
+                        'adversary = { method = "fgsm_rs", epsilon = 0.1 }')
+    text += ("\nmulti_exit = { steps = 2 }\n[train]\nlimit = 128\n[export]\ncalibration_size = 16\n"
+             "parity_examples = 16\ndeployed_examples = 4\ndeployed_attacks = [\"transfer\"]\n")
+    config = bench.load(_write(tmp_path, text))
+    (result,) = bench.run(config, tmp_path / "run", verbose=False)
+    results_lib.validate(result)
+    multi = result["multi_exit"]
+    assert result["model"]["neokd"] == {"attack": "max_average"} and len(multi["exit_macs"]) == 3
+    assert multi["exit_macs"] == sorted(multi["exit_macs"]) and set(multi["attacks"]) == {"average", "max_average"}
+    assert multi["clean"][-1] == result["clean_accuracy"]  # the standard suite evaluates the final exit
+    assert all(len(per_eps["0.05"]) == 3 for per_eps in multi["attacks"].values())
+    lenient = multi["early_exit"]["clean"]["0.5"]
+    assert 0 < lenient["relative_compute"] <= 1 and set(multi["early_exit"]) == {"clean", "average", "max_average"}
+    assert result["deployed"]["model_bytes"] > 0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "Multi-exit models" in report and "| m | 0.9 |" in report
+    broken = {**multi, "attacks": {"average": {"0.05": [0.1, 0.2, 1.5]}}}
+    with pytest.raises(ValueError, match="multi_exit.attacks.average.0.05"):
+        results_lib.validate({**result, "multi_exit": broken})

@@ -3,7 +3,10 @@
 An experiment names a dataset, a list of models (architecture, quantization,
 Jacobian regularization, adversarial training), a training recipe, threat
 models with their attack suites, and export settings. `[profiles.<name>]`
-tables are deep-merged over the base settings (smoke / quick / full, ...).
+tables are deep-merged over the base settings (smoke / quick / full, ...),
+except that a profile's `models` list replaces the base's, and so does a
+profile's attack suite when every entry in it names its `type` (entries
+without `type` only change parameters of the base's attacks).
 See `experiments/README.md` for the full key reference.
 """
 
@@ -24,10 +27,14 @@ NORMS = ("linf", "l2")
 _ONLY_NORM = {"CarliniWagnerL2": "l2", "Boundary": "l2"}
 _TOP = {"name", "description", "dataset", "seed", "train", "models", "threat_models", "export", "profiles"}
 _TRAIN = {"epochs", "batch_size", "learning_rate", "limit", "augment", "validation_fraction"}
-_MODEL = {"name", "architecture", "quantization", "options", "jacobian", "adversary", "distill"}
+_MODEL = {"name", "architecture", "quantization", "options", "jacobian", "adversary", "distill", "exits", "neokd"}
 _DISTILL = {"teacher", "method", "temperature", "alpha"}
+_EXITS = {"layers", "thresholds"}
+_NEOKD = {"alpha", "beta", "attack", "exit_weights"}
+_MULTI_EXIT = {"steps", "targets"}
+_MULTI_EXIT_TARGETS = ("average", "max_average")
 _ADVERSARY = {"method", "epsilon", "steps", "step_size", "beta"}
-_THREAT = {"epsilons", "examples", "attacks"}
+_THREAT = {"epsilons", "examples", "attacks", "multi_exit"}
 _EXPORT = {"enabled", "calibration_size", "parity_examples", "deployed_examples", "deployed_attacks",
            "deployed_queries"}
 _DEPLOYED_ATTACKS = ("transfer", "square", "hopskipjump")
@@ -47,11 +54,47 @@ class ExperimentError(ValueError):
 def _merge(base, override):
     merged = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, _Replace):
+            merged[key] = copy.deepcopy(dict(value))
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+def _with_suites_replaced(base, override, profile):
+    """The profile `override`, its complete attack suites (every entry has a `type`) set to replace the base's.
+
+    Raises:
+        ExperimentError: a suite mixes new attacks (with `type`) and changes
+            to the base's (without), or changes an attack the base lacks.
+    """
+    override = copy.deepcopy(override)
+    for norm, threat in (override.get("threat_models") or {}).items():
+        suite = threat.get("attacks") if isinstance(threat, dict) else None
+        if not isinstance(suite, dict):
+            continue
+        where = f"profiles.{profile}.threat_models.{norm}.attacks"
+        typed = {name for name, spec in suite.items() if isinstance(spec, dict) and "type" in spec}
+        if typed and typed != set(suite):
+            raise ExperimentError(f"A profile's attack suite either replaces the base suite (every entry has a "
+                                  f"`type`) or changes the base's attacks (no entry has one). Received: "
+                                  f"{where} with `type` in {sorted(typed)} only")
+        if typed:
+            threat["attacks"] = _Replace(suite)
+            continue
+        base_suite = ((base.get("threat_models") or {}).get(norm) or {}).get("attacks") or {}
+        for name in suite:
+            if name not in base_suite:
+                raise ExperimentError(f"The profile changes an attack the base suite lacks (base: "
+                                      f"{', '.join(base_suite) or 'none'}; give a `type` to define it). "
+                                      f"Received: {where}.{name}")
+    return override
+
+
+class _Replace(dict):
+    """A profile table that `_merge` puts in place of the base's instead of merging into it."""
 
 
 def _unknown(where, table, allowed):
@@ -102,6 +145,65 @@ def _check_models(config):
             _number(f"{where}adversary.epsilon", adversary.get("epsilon"), low=0, low_open=True)
         if model.get("distill") is not None:
             _check_distill(where, model, names - {model["name"]})
+        if model.get("exits") is not None or model.get("neokd") is not None:
+            _check_exits(where, model, data.info(config["dataset"]))
+
+
+def _check_exits(where, model, dataset_info):
+    """A multi-exit model: `exits = { layers, thresholds }` and optional `neokd = { alpha, beta, attack, ... }`.
+
+    The layer names are checked against the built architecture.
+    """
+    exits = model.get("exits")
+    if not isinstance(exits, dict):
+        raise ExperimentError(f"`{where}neokd` trains a multi-exit model: add `{where}exits = {{ layers = [...] }}`. "
+                              f"Received: {where}exits={exits!r}")
+    _unknown(f"{where}exits.", exits, _EXITS)
+    for key in ("jacobian", "distill"):
+        if model.get(key):
+            raise ExperimentError(f"A multi-exit model cannot also use `{key}`. Received: {where}{key}={model[key]!r}")
+    layers = exits.get("layers")
+    if not isinstance(layers, list) or not layers or not all(isinstance(n, str) for n in layers):
+        raise ExperimentError(f"Expected `{where}exits.layers` to be a non-empty list of layer names. "
+                              f"Received: layers={layers!r}")
+    try:
+        backbone = models.get(model["architecture"], quantization=model["quantization"],
+                              num_classes=dataset_info.num_classes, input_shape=dataset_info.input_shape,
+                              **model["options"])
+    except (TypeError, ValueError) as error:
+        raise ExperimentError(f"Cannot build {model['architecture']}: {error}. "
+                              f"Received: {where}options={model['options']!r}") from None
+    known = [layer.name for layer in backbone.layers]
+    for name in layers:
+        if name not in known:
+            raise ExperimentError(f"Unknown exit layer of {model['architecture']} (layers: {', '.join(known)}). "
+                                  f"Received: {where}exits.layers={name!r}")
+    exits.setdefault("thresholds", [0.8, 0.9, 0.95])
+    for threshold in exits["thresholds"]:
+        _number(f"{where}exits.thresholds", threshold, low=0, high=1, low_open=True)
+    neokd = model.get("neokd")
+    if neokd is None:
+        return
+    if not isinstance(neokd, dict):
+        raise ExperimentError(f"Expected `{where}neokd` to be a table. Received: neokd={neokd!r}")
+    _unknown(f"{where}neokd.", neokd, _NEOKD)
+    adversary = model.get("adversary")
+    if adversary is None or adversary["method"] == "trades":
+        raise ExperimentError(f"NEO-KD trains on adversarial examples: set `{where}adversary` with method 'pgd' or "
+                              f"'fgsm_rs'. Received: {where}adversary={adversary!r}")
+    for key in ("alpha", "beta"):
+        if key in neokd:
+            _number(f"{where}neokd.{key}", neokd[key], low=0)
+    if neokd.get("attack", "average") not in _MULTI_EXIT_TARGETS:
+        raise ExperimentError(f"Expected `{where}neokd.attack` to be 'average' or 'max_average'. "
+                              f"Received: {where}neokd.attack={neokd.get('attack')!r}")
+    weights = neokd.get("exit_weights")
+    if weights is not None:
+        if not isinstance(weights, list) or len(weights) != len(layers) + 1:
+            raise ExperimentError(f"Expected `{where}neokd.exit_weights` to list one weight per exit "
+                                  f"({len(layers) + 1}, the last for the backbone). Received: exit_weights={weights!r}")
+        for weight in weights:
+            _number(f"{where}neokd.exit_weights", weight, low=0)
 
 
 def _check_distill(where, model, earlier):
@@ -171,6 +273,22 @@ def _check_threat_models(config, input_range):
             parameters = set(inspect.signature(ATTACKS[kind].__init__).parameters) - {"self", "eps", "input_range"}
             _unknown(f"{where}attacks.{name}.", spec, parameters | {"type"})
             build_attack(spec, norm, epsilons, input_range, config["seed"])  # validates the values
+        _check_multi_exit(where, threat)
+
+
+def _check_multi_exit(where, threat):
+    """`multi_exit = { steps, targets }`: the PGD attacks on every exit of multi-exit models."""
+    settings = threat.setdefault("multi_exit", {})
+    if not isinstance(settings, dict):
+        raise ExperimentError(f"Expected `{where}multi_exit` to be a table. Received: multi_exit={settings!r}")
+    _unknown(f"{where}multi_exit.", settings, _MULTI_EXIT)
+    settings.setdefault("steps", 20)
+    _number(f"{where}multi_exit.steps", settings["steps"], low=1, integer=True)
+    settings.setdefault("targets", list(_MULTI_EXIT_TARGETS))
+    targets = settings["targets"]
+    if not isinstance(targets, list) or not targets or any(t not in _MULTI_EXIT_TARGETS for t in targets):
+        raise ExperimentError(f"Expected `{where}multi_exit.targets` to be a non-empty list of 'average' and "
+                              f"'max_average'. Received: targets={targets!r}")
 
 
 def build_attack(spec, norm, epsilons, input_range, seed):
@@ -217,7 +335,7 @@ def load(path, profile=None):
         if profile not in profiles:
             raise ExperimentError(f"Unknown profile (defined: {', '.join(sorted(profiles)) or 'none'}). "
                                   f"Received: profile={profile!r}")
-        raw = _merge(raw, profiles[profile])
+        raw = _merge(raw, _with_suites_replaced(raw, profiles[profile], profile))
     config = _merge(_DEFAULTS, raw)
     config["profile"] = profile
     config.setdefault("name", path.stem)

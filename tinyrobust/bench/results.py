@@ -17,7 +17,16 @@ Schema (version 1) of `results/<model>__<norm>.json`:
 - `deployed`: null, or `model_bytes`, `arena_bytes`, `examples`, `agreement`,
   `clean_accuracy`, `robust_accuracy` ({"transfer"|"square"|"hopskipjump": {eps: accuracy}}),
   `max_logit_difference`,
-- `wall_time_s`: {"train", "evaluate", "export"}.
+- `wall_time_s`: {"train", "evaluate", "export"},
+- `multi_exit` (optional; null or absent for single-exit models): for a
+  multi-exit model, whose other fields describe its final exit (attacks,
+  checks and the deployed artifact see only the final exit; sizes include
+  the exit heads): `exit_macs` (cumulative multiply-accumulates per exit),
+  `clean` (accuracy per exit), `attacks` ({"average"|"max_average": {eps:
+  [accuracy per exit]}}: `MultiExitPGD` on every exit), `early_exit`
+  ({"clean": {threshold: record}, "<attack>": {eps: {threshold: record}}},
+  record = `accuracy`, `relative_compute`, `average_macs` of
+  confidence-threshold early-exit inference).
 """
 
 import json
@@ -55,7 +64,24 @@ def validate(result):
         raise ValueError(f"Accuracy out of [0, 1]. Received: clean_accuracy={result['clean_accuracy']}")
     if "deployed" not in result or "quality_target" not in result:
         raise ValueError("Result is missing `deployed` or `quality_target` (null when not measured)")
+    if result.get("multi_exit") is not None:
+        _validate_multi_exit(result["multi_exit"], epsilons)
     return result
+
+
+def _validate_multi_exit(record, epsilons):
+    exits = len(record.get("exit_macs", []))
+    if not exits or len(record.get("clean", [])) != exits:
+        raise ValueError(f"Result `multi_exit` needs `exit_macs` and `clean` with one entry per exit. "
+                         f"Received: exit_macs={record.get('exit_macs')!r}, clean={record.get('clean')!r}")
+    accuracies = [("multi_exit.clean", record["clean"])]
+    for attack, per_eps in record.get("attacks", {}).items():
+        if sorted(per_eps) != sorted(epsilons):
+            raise ValueError(f"Result `multi_exit.attacks.{attack}` has epsilons {sorted(per_eps)}, expected {epsilons}")
+        accuracies += [(f"multi_exit.attacks.{attack}.{e}", values) for e, values in per_eps.items()]
+    for where, values in accuracies:
+        if len(values) != exits or not all(0.0 <= v <= 1.0 for v in values):
+            raise ValueError(f"Expected {exits} accuracies in [0, 1] in `{where}`. Received: {values!r}")
 
 
 def write(result, path):
@@ -122,7 +148,39 @@ def table(results):
         if flagged:
             lines += ["", "Honest-evaluation flags:", *flagged]
         sections.append("\n".join(lines))
+        multi = [r for r in rows if r.get("multi_exit")]
+        if multi:
+            sections.append(_multi_exit_table(multi, epsilons))
     return "\n\n".join(sections) + "\n"
+
+
+def _multi_exit_table(rows, epsilons):
+    """Per-exit accuracy (clean and under each multi-exit attack) and early-exit accuracy and compute."""
+    attacks = list(dict.fromkeys(a for r in rows for a in r["multi_exit"]["attacks"]))
+    header = ["model", "exit", "MACs", "clean"] + [f"{a} {e}" for a in attacks for e in epsilons]
+    lines = [f"#### Multi-exit models ({rows[0]['threat_model']['norm']}): accuracy per exit "
+             "(the last exit is the backbone's)", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for r in rows:
+        m = r["multi_exit"]
+        for k, macs in enumerate(m["exit_macs"]):
+            cells = [r["model"]["name"], str(k + 1), f"{macs:,}", _percent(m["clean"][k])]
+            cells += [_percent(m["attacks"].get(a, {}).get(e, [None] * (k + 1))[k]) for a in attacks for e in epsilons]
+            lines.append("| " + " | ".join(cells) + " |")
+    header = ["model", "threshold", "clean", "compute"]
+    header += [f"{a} {e}" for a in attacks for e in epsilons]
+    lines += ["", "Early exit at a confidence threshold: accuracy, and compute relative to running every exit "
+              "(in brackets)", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for r in rows:
+        early = r["multi_exit"]["early_exit"]
+        for threshold, clean in early["clean"].items():
+            cells = [r["model"]["name"], threshold, _percent(clean["accuracy"]), f"{clean['relative_compute']:.2f}"]
+            for a in attacks:
+                for e in epsilons:
+                    record = early.get(a, {}).get(e, {}).get(threshold)
+                    cells.append("-" if record is None else
+                                 f"{_percent(record['accuracy'])} ({record['relative_compute']:.2f})")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plots(results, folder):

@@ -9,7 +9,7 @@ import time
 import keras
 import numpy as np
 
-from tinyrobust import attacks, data, distill, export, models
+from tinyrobust import attacks, data, distill, export, models, multiexit
 from tinyrobust.bench import results as results_lib
 from tinyrobust.bench.config import build_attack
 from tinyrobust.footprint import summary
@@ -42,13 +42,22 @@ class _Say:
 
 
 def _build(config, spec, dataset_info, out):
-    """The model to `fit`: plain, a `RobustModel`, or a `RobustDistiller` around the student."""
+    """The model to `fit`: plain, a `RobustModel`, a `RobustDistiller` around the student, a multi-exit
+    model, or a `NEOKD` trainer around one (any adversarially trained multi-exit model; alpha=beta=0
+    without a `neokd` table)."""
     model = models.get(spec["architecture"], quantization=spec["quantization"], num_classes=dataset_info.num_classes,
                        input_shape=dataset_info.input_shape, **spec["options"])
     jacobian = JacobianRegularizer(layers=dict(spec["jacobian"])) if spec.get("jacobian") else None
     adversary = None
     if spec.get("adversary"):
         adversary = AdversarialTraining(input_range=dataset_info.input_range, seed=config["seed"], **spec["adversary"])
+    if spec.get("exits"):
+        network = multiexit.attach_exits(model, spec["exits"]["layers"], name=spec["name"])
+        if adversary is None:
+            return network
+        neokd = spec.get("neokd") or {"alpha": 0.0, "beta": 0.0}
+        return multiexit.NEOKD(network, adversary=adversary, seed=config["seed"], name=f"neokd_{spec['name']}",
+                               **neokd)
     teaching = spec.get("distill")
     if teaching is not None:
         student = model if jacobian is None else RobustModel.wrap(model, jacobian=jacobian, name=spec["name"])
@@ -83,14 +92,22 @@ def train(config, spec, out, verbose=True):
     recipe = config["train"]
     keras.utils.set_random_seed(config["seed"])
     model = _build(config, spec, dataset_info, out)
-    if isinstance(model, distill.RobustDistiller):  # the loss comes from the distillation method
+    if isinstance(model, (distill.RobustDistiller, multiexit.NEOKD)):  # the loss comes from the method
         model.compile(optimizer=keras.optimizers.Adam(recipe["learning_rate"]))
+    elif len(model.outputs) > 1:  # a multi-exit model: cross-entropy averaged over the exits
+        exits = len(model.outputs)
+        model.compile(optimizer=keras.optimizers.Adam(recipe["learning_rate"]),
+                      loss=[keras.losses.SparseCategoricalCrossentropy(from_logits=True)] * exits,
+                      loss_weights=[1 / exits] * exits, metrics=[["accuracy"]] * exits)
     else:
         model.compile(optimizer=keras.optimizers.Adam(recipe["learning_rate"]),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     train_data = data.load(config["dataset"], "train", batch_size=recipe["batch_size"], seed=config["seed"],
                            limit=recipe["limit"], augment=recipe["augment"],
                            validation_fraction=recipe["validation_fraction"])
+    if not isinstance(model, multiexit.NEOKD) and len(model.outputs) > 1:  # one copy of the labels per exit
+        exits = len(model.outputs)
+        train_data = train_data.map(lambda x, y: (x, (y,) * exits))
     start = time.perf_counter()
     backup = keras.callbacks.BackupAndRestore(str(out / "checkpoints" / spec["name"]))
     model.fit(train_data, epochs=recipe["epochs"], callbacks=[backup], shuffle=False, verbose=1 if verbose and sys.stdout.isatty()
@@ -100,6 +117,8 @@ def train(config, spec, out, verbose=True):
     partial = path.with_name(path.stem + ".partial.keras")
     if isinstance(model, distill.RobustDistiller):  # what is evaluated and deployed is the student
         model = model.student
+    if isinstance(model, multiexit.NEOKD):
+        model = model.network
     model.save(partial)
     partial.replace(path)
     (out / "models" / f"{spec['name']}.train.json").write_text(json.dumps({"seconds": seconds}) + "\n")
@@ -152,6 +171,34 @@ def _deployed(config, spec, model, out, x, y, threat, say):
     return record
 
 
+def _multi_exit(network, x, y, threat, thresholds, input_range, seed):
+    """Every exit's accuracy, clean and under the multi-exit PGD attacks, and early-exit inference.
+
+    Returns:
+        The result's `multi_exit` record (see `tinyrobust.bench.results`).
+    """
+    settings = threat["multi_exit"]
+
+    def early(inputs):
+        return {str(t): _early_exit_record(multiexit.early_exit(network, inputs, threshold=t), y) for t in thresholds}
+
+    record = {"exit_macs": multiexit.exit_macs(network), "clean": multiexit.exit_accuracies(network, x, y),
+              "attacks": {}, "early_exit": {"clean": early(x)}}
+    for target in settings["targets"]:
+        attack = multiexit.MultiExitPGD(threat["epsilons"], target=target, norm=threat["norm"],
+                                        steps=settings["steps"], input_range=input_range, seed=seed)
+        result = attack.run(network, x, y)
+        record["attacks"][target] = {str(e): multiexit.exit_accuracies(network, xa, y)
+                                     for e, xa in zip(result.epsilons, result.x_adv)}
+        record["early_exit"][target] = {str(e): early(xa) for e, xa in zip(result.epsilons, result.x_adv)}
+    return record
+
+
+def _early_exit_record(result, y):
+    return {"accuracy": float(np.mean(result.predictions == y)), "relative_compute": result.relative_compute,
+            "average_macs": result.average_macs}
+
+
 def _digest(indices):
     import hashlib
 
@@ -200,7 +247,10 @@ def run(config, out_dir, command="", verbose=True):
         model, _ = train(config, spec, out, verbose)
         train_record = out / "models" / f"{spec['name']}.train.json"
         train_seconds = json.loads(train_record.read_text())["seconds"] if train_record.is_file() else None
-        footprint, bits = _footprint(model)
+        network = None
+        if spec.get("exits"):  # attacks, checks and export see the final exit; `multi_exit` covers every exit
+            network, model = model, keras.Model(model.inputs, model.outputs[-1], name=f"{spec['name']}_final")
+        footprint, bits = _footprint(network or model)
         for norm, threat in config["threat_models"].items():
             path = out / "results" / f"{spec['name']}__{norm}.json"
             if path.is_file():
@@ -221,6 +271,12 @@ def run(config, out_dir, command="", verbose=True):
                 start = time.perf_counter()
                 deployed = _deployed(config, spec, model, out, x, y, threat, say)
                 export_seconds = time.perf_counter() - start
+            multi_exit = None
+            if network is not None:
+                say(f"  {spec['name']}: every exit under {', '.join(threat['multi_exit']['targets'])} PGD-"
+                    f"{threat['multi_exit']['steps']}, early exit at thresholds {spec['exits']['thresholds']}")
+                multi_exit = _multi_exit(network, x, y, threat, spec["exits"]["thresholds"],
+                                         dataset_info.input_range, config["seed"])
             accuracy = report.accuracy()
             target = QUALITY_TARGETS.get((config["dataset"], spec["architecture"]))
             result = {
@@ -230,7 +286,7 @@ def run(config, out_dir, command="", verbose=True):
                 "model": {"name": spec["name"], "architecture": spec["architecture"],
                           "quantization": spec["quantization"], "options": spec["options"],
                           "jacobian": spec.get("jacobian", {}), "adversary": spec.get("adversary"),
-                          "distill": spec.get("distill"),
+                          "distill": spec.get("distill"), "exits": spec.get("exits"), "neokd": spec.get("neokd"),
                           "params": footprint.params, "int8_bytes": footprint.int8_bytes,
                           "packed_bytes": footprint.packed_bytes, "bits": bits},
                 "threat_model": {"norm": norm, "epsilons": threat["epsilons"], "examples": int(len(x))},
@@ -240,7 +296,7 @@ def run(config, out_dir, command="", verbose=True):
                 "attack_kinds": report.kinds, "checks": checks.flags,
                 "quality_target": None if target is None else {
                     "metric": "clean_accuracy", "target": target, "met": accuracy["clean"] >= target},
-                "deployed": deployed,
+                "deployed": deployed, "multi_exit": multi_exit,
                 "wall_time_s": {"train": train_seconds, "evaluate": evaluate_seconds, "export": export_seconds},
             }
             results_lib.write(result, path)
