@@ -157,13 +157,15 @@ def test_robust_accuracy_worst_case(trained):
     assert report.kinds == {"FGSM": "single-step", "PGD": "iterative"}
 
 
-def test_robust_accuracy_accepts_dataset(trained):
+def test_robust_accuracy_accepts_dataset_and_shows_progress(trained, capsys):
     import tensorflow as tf
 
     model, x, y = trained
     dataset = tf.data.Dataset.from_tensor_slices((x[:40], y[:40])).batch(16)
     report = attacks.robust_accuracy(model, dataset, {"fgsm": attacks.FGSM(0.05)}, verbose=False)
     assert report.clean.shape == (40,)
+    attacks.robust_accuracy(model, (x[:40], y[:40]), [attacks.FGSM(0.05), attacks.FGSM(0.1)], batch_size=16)
+    assert "6/6" in capsys.readouterr().out  # 3 batches x 2 attacks
 
 
 def test_eot_averages_random_model(trained):

@@ -72,11 +72,12 @@ def trained_stq():
     return model
 
 
-def test_trained_stq_model_agrees_with_tflite_micro(tmp_path, trained_stq):
+def test_trained_stq_model_agrees_with_tflite_micro(tmp_path, trained_stq, capsys):
     calibration, indices = tr.data.calibration_set("fashion_mnist", size=200)
     path = export.to_tflite(trained_stq, tmp_path / "fmnist.tflite", calibration)
     x, y = tr.data.load_arrays("fashion_mnist", "test", limit=1000)
-    report = export.verify(trained_stq, path, (x, y))
+    report = export.verify(trained_stq, path, (x, y), verbose=True)
+    assert "1000/1000" in capsys.readouterr().out  # the progress bar reached the end
     assert report.accuracy["keras"] > 0.6
     assert report.agreement["tflm"] >= 0.98 and report.agreement["litert"] >= 0.98
     assert abs(report.accuracy["tflm"] - report.accuracy["keras"]) <= 0.01

@@ -138,8 +138,12 @@ def robust_accuracy(model, data, attacks, batch_size=256, verbose=True):
     if not attacks or not all(isinstance(a, Attack) for a in attacks.values()):
         raise ValueError(f"Expected one or more tinyrobust attacks. Received: attacks={attacks!r}")
     clean, correct, queries = [], {n: {} for n in attacks}, {n: {} for n in attacks}
-    progress = keras.utils.Progbar(None, unit_name="batch") if verbose else None
-    for step, (x, y) in enumerate(_batches(data, batch_size), start=1):
+    progress = None
+    if verbose:  # one step per attack per batch; the total is known for arrays
+        total = None if isinstance(data, tf.data.Dataset) else -(-len(data[0]) // batch_size) * len(attacks)
+        progress = keras.utils.Progbar(total, unit_name="attack batch")
+    step = 0
+    for x, y in _batches(data, batch_size):
         clean.append(labels_of(predict(model, x)) == y)
         for name, attack in attacks.items():
             result = attack.run(model, x, y)
@@ -147,8 +151,11 @@ def robust_accuracy(model, data, attacks, batch_size=256, verbose=True):
                 correct[name].setdefault(eps, []).append(~result.success[i])
                 if result.queries is not None and result.queries[i] is not None:
                     queries[name].setdefault(eps, []).append(result.queries[i])
-        if progress is not None:
-            progress.update(step)
+            step += 1
+            if progress is not None:
+                progress.update(step, finalize=step == progress.target)
+    if progress is not None and progress.target is None:
+        progress.update(step, finalize=True)
     clean = np.concatenate(clean)
     per_attack = {n: {e: np.concatenate(v) for e, v in per.items()} for n, per in correct.items()}
     worst = {}

@@ -138,7 +138,8 @@ def _deployed(config, spec, model, out, x, y, threat, say):
                                                     seed=config["seed"])
         x_parity, y_parity = data.load_arrays(config["dataset"], "test", limit=settings["parity_examples"])
         export.export_and_verify(model, out / "export", name, calibration, (x_parity, y_parity), runtimes=("tflm",),
-                                 record={"calibration_split": "train", "calibration_indices": [int(i) for i in indices]})
+                                 record={"calibration_split": "train", "calibration_indices": [int(i) for i in indices]},
+                                 verbose=say.verbose)
     parity = json.loads(parity_path.read_text())
     deployed = export.TFLiteModel(out / "export" / f"{name}.tflite")
     n = min(settings["deployed_examples"], len(x))

@@ -3,6 +3,7 @@
 import dataclasses
 import pathlib
 
+import keras
 import numpy as np
 
 from tinyrobust.export.tflite import RUNTIMES, TFLiteModel
@@ -67,7 +68,7 @@ def _arrays(data):
     return np.asarray(data, np.float32), None
 
 
-def verify(model, tflite_path, data, runtimes=("litert", "tflm")):
+def verify(model, tflite_path, data, runtimes=("litert", "tflm"), verbose=False):
     """Compares the Keras model with its export on `data`.
 
     Args:
@@ -75,6 +76,7 @@ def verify(model, tflite_path, data, runtimes=("litert", "tflm")):
         tflite_path: the `.tflite` file (or its bytes).
         data: inputs, an `(x, y)` tuple, or a dataset of `(x, y)` batches.
         runtimes: TFLite runtimes to compare ("litert", "tflm").
+        verbose: show a progress bar per runtime.
 
     Returns:
         A `ParityReport`.
@@ -89,7 +91,13 @@ def verify(model, tflite_path, data, runtimes=("litert", "tflm")):
     logits = {"keras": np.asarray(model.predict(x, batch_size=256, verbose=0))}
     runners = {runtime: TFLiteModel(source, runtime=runtime) for runtime in runtimes}
     for runtime, runner in runners.items():
-        logits[runtime] = runner(x)
+        progress = keras.utils.Progbar(len(x), unit_name=f"example ({runtime})") if verbose else None
+        chunks = []
+        for start in range(0, len(x), 100):
+            chunks.append(runner(x[start:start + 100]))
+            if progress is not None:
+                progress.update(start + len(chunks[-1]), finalize=start + 100 >= len(x))
+        logits[runtime] = np.concatenate(chunks)
     tflm = runners.get("tflm") or TFLiteModel(source, runtime="tflm")
     labels = {k: v.argmax(-1) for k, v in logits.items()}
     return ParityReport(
