@@ -63,6 +63,9 @@ attacks = { fgsm = { type = "FGSM" } }
         (BASE.replace('options = { width = 4 }', 'exits = { layers = ["relu_1"] }\nneokd = { exit_weights = [1] }\n'
                       'adversary = { method = "pgd", epsilon = 0.1 }'), "exit_weights=\\[1\\]"),
         (BASE + "\nmulti_exit = { targets = ['sum'] }\n", "targets=\\['sum'\\]"),
+        ("seed = []\n" + BASE, "seed=\\[\\]"),
+        ("seed = [1, 1]\n" + BASE, "seed=\\[1, 1\\]"),
+        ("seed = [0, -1]\n" + BASE, "seed=-1"),
     ],
 )
 def test_invalid_experiment_fails_before_work_naming_the_key(tmp_path, text, message):
@@ -234,3 +237,20 @@ def test_multi_exit_models_train_with_neokd_and_report_every_exit(tmp_path):
     broken = {**multi, "attacks": {"average": {"0.05": [0.1, 0.2, 1.5]}}}
     with pytest.raises(ValueError, match="multi_exit.attacks.average.0.05"):
         results_lib.validate({**result, "multi_exit": broken})
+
+
+def test_several_seeds_run_apart_and_report_mean_and_spread(tmp_path, capsys):
+    text = "seed = [0, 1]\n" + BASE + "\n[train]\nlimit = 64\n[export]\nenabled = false\n"
+    config = bench.load(_write(tmp_path, text))
+    assert config["seeds"] == [0, 1] and config["seed"] == 0
+    results = bench.run(config, tmp_path / "run", verbose=False)
+    assert [r["seed"] for r in results] == [0, 1]
+    assert sorted(p.parent.parent.name for p in (tmp_path / "run").rglob("results/*.json")) == ["seed_0", "seed_1"]
+    clean = [r["clean_accuracy"] for r in results]
+    mean, spread = 100 * sum(clean) / 2, 100 * abs(clean[0] - clean[1]) / 2 ** 0.5
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "mean ± std over seeds 0, 1" in report and f"| m | stq | {mean:.1f} ± {spread:.1f} |" in report
+    # `report` rebuilds the same table from the JSON files of both seeds.
+    (tmp_path / "run" / "report.md").unlink()
+    assert cli.main(["report", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "report.md").read_text() == report

@@ -342,7 +342,13 @@ def load(path, profile=None):
     if config.get("dataset") not in data.NAMES:
         raise ExperimentError(f"Unknown dataset (allowed: {', '.join(data.NAMES)}). "
                               f"Received: dataset={config.get('dataset')!r}")
-    _number("seed", config["seed"], low=0, integer=True)
+    seeds = config["seed"] if isinstance(config["seed"], list) else [config["seed"]]
+    if not seeds or len(set(map(str, seeds))) != len(seeds):
+        raise ExperimentError(f"Expected `seed` to be an integer or a non-empty list of distinct integers. "
+                              f"Received: seed={config['seed']!r}")
+    for seed in seeds:
+        _number("seed", seed, low=0, integer=True)
+    config["seeds"], config["seed"] = seeds, seeds[0]
     _unknown("train.", config["train"], _TRAIN)
     _number("train.epochs", config["train"]["epochs"], low=0, integer=True)
     _number("train.batch_size", config["train"]["batch_size"], low=1, integer=True)

@@ -114,47 +114,87 @@ def _percent(value):
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def _groups(rows):
+    """Results of the same model (one per seed) together, in first-seen order: a list of lists."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["model"]["name"], []).append(r)
+    return list(groups.values())
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _stat(group, get):
+    """Percent cell of `get(result)` over a group: the value, or mean ± standard deviation over seeds."""
+    values = [v for v in (get(r) for r in group) if v is not None]
+    if len(values) < 2:
+        return _percent(values[0] if values else None)
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def _label(result, seeds):
+    """The model's name, with its seed when the results hold several seeds."""
+    name = result["model"]["name"]
+    return name if len(seeds) == 1 else f"{name} (seed {result['seed']})"
+
+
 def table(results):
     """Markdown tables, one per threat model, in the layout of the papers.
 
     Rows are models; columns are clean accuracy, each attack at each eps, the
     worst case per eps, the deployed (TFLite Micro) model's clean and
-    transfer/Square accuracy, and sizes. Accuracies in percent.
+    transfer/Square accuracy, and sizes. Accuracies in percent; a model run
+    with several seeds shows mean ± sample standard deviation over them.
     """
     sections = []
     for norm in sorted({r["threat_model"]["norm"] for r in results}):
         rows = [r for r in results if r["threat_model"]["norm"] == norm]
+        groups = _groups(rows)
         epsilons = [str(e) for e in rows[0]["threat_model"]["epsilons"]]
         attacks = list(dict.fromkeys(a for r in rows for a in r["robust_accuracy"]))
         deployed = list(dict.fromkeys(a for r in rows for a in ((r.get("deployed") or {}).get("robust_accuracy") or {})))
+        seeds = sorted({r["seed"] for r in rows})
         header = ["model", "quant.", "clean"] + [f"{a} {e}" for a in attacks for e in epsilons]
         header += [f"worst {e}" for e in epsilons] + ["TFLM clean"] + [f"TFLM {a} {e}" for a in deployed for e in epsilons]
         header += ["packed KB", "TFLite KB", "arena KB"]
+        seed_note = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean ± std over seeds {', '.join(map(str, seeds))}"
         lines = [f"### {rows[0]['experiment']} ({rows[0]['dataset']}, {norm}, {rows[0]['threat_model']['examples']} "
-                 f"test examples, profile {rows[0].get('profile')})", "",
+                 f"test examples, profile {rows[0].get('profile')}, {seed_note})", "",
                  "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-        for r in rows:
-            d = r.get("deployed") or {}
-            cells = [r["model"]["name"], r["model"]["quantization"], _percent(r["clean_accuracy"])]
-            cells += [_percent(r["robust_accuracy"].get(a, {}).get(e)) for a in attacks for e in epsilons]
-            cells += [_percent(r["worst_case"].get(e)) for e in epsilons]
-            cells += [_percent(d.get("clean_accuracy"))]
-            cells += [_percent((d.get("robust_accuracy") or {}).get(a, {}).get(e)) for a in deployed for e in epsilons]
-            cells += [f"{r['model']['packed_bytes'] / 1024:.1f}",
+        for group in groups:
+            first = group[0]
+            d = first.get("deployed") or {}
+
+            def deployed_of(r):
+                return r.get("deployed") or {}
+
+            cells = [first["model"]["name"], first["model"]["quantization"], _stat(group, lambda r: r["clean_accuracy"])]
+            cells += [_stat(group, lambda r, a=a, e=e: r["robust_accuracy"].get(a, {}).get(e))
+                      for a in attacks for e in epsilons]
+            cells += [_stat(group, lambda r, e=e: r["worst_case"].get(e)) for e in epsilons]
+            cells += [_stat(group, lambda r: deployed_of(r).get("clean_accuracy"))]
+            cells += [_stat(group, lambda r, a=a, e=e: (deployed_of(r).get("robust_accuracy") or {}).get(a, {}).get(e))
+                      for a in deployed for e in epsilons]
+            cells += [f"{first['model']['packed_bytes'] / 1024:.1f}",
                       "-" if not d else f"{d['model_bytes'] / 1024:.1f}",
                       "-" if not d else f"{d['arena_bytes'] / 1024:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
-        flagged = [f"- {r['model']['name']}: {flag}: {message}" for r in rows for flag, message in r["checks"].items()]
+        flagged = [f"- {_label(r, seeds)}: {flag}: {message}" for r in rows for flag, message in r["checks"].items()]
         if flagged:
             lines += ["", "Honest-evaluation flags:", *flagged]
         sections.append("\n".join(lines))
         multi = [r for r in rows if r.get("multi_exit")]
         if multi:
-            sections.append(_multi_exit_table(multi, epsilons))
+            sections.append(_multi_exit_table(multi, epsilons, seeds))
     return "\n\n".join(sections) + "\n"
 
 
-def _multi_exit_table(rows, epsilons):
+def _multi_exit_table(rows, epsilons, seeds):
     """Per-exit accuracy (clean and under each multi-exit attack) and early-exit accuracy and compute."""
     attacks = list(dict.fromkeys(a for r in rows for a in r["multi_exit"]["attacks"]))
     header = ["model", "exit", "MACs", "clean"] + [f"{a} {e}" for a in attacks for e in epsilons]
@@ -163,7 +203,7 @@ def _multi_exit_table(rows, epsilons):
     for r in rows:
         m = r["multi_exit"]
         for k, macs in enumerate(m["exit_macs"]):
-            cells = [r["model"]["name"], str(k + 1), f"{macs:,}", _percent(m["clean"][k])]
+            cells = [_label(r, seeds), str(k + 1), f"{macs:,}", _percent(m["clean"][k])]
             cells += [_percent(m["attacks"].get(a, {}).get(e, [None] * (k + 1))[k]) for a in attacks for e in epsilons]
             lines.append("| " + " | ".join(cells) + " |")
     header = ["model", "threshold", "clean", "compute"]
@@ -173,7 +213,7 @@ def _multi_exit_table(rows, epsilons):
     for r in rows:
         early = r["multi_exit"]["early_exit"]
         for threshold, clean in early["clean"].items():
-            cells = [r["model"]["name"], threshold, _percent(clean["accuracy"]), f"{clean['relative_compute']:.2f}"]
+            cells = [_label(r, seeds), threshold, _percent(clean["accuracy"]), f"{clean['relative_compute']:.2f}"]
             for a in attacks:
                 for e in epsilons:
                     record = early.get(a, {}).get(e, {}).get(threshold)
@@ -185,6 +225,8 @@ def _multi_exit_table(rows, epsilons):
 
 def plots(results, folder):
     """PNG plots: accuracy vs eps per attack (a line per model), and accuracy vs model size.
+
+    A model run with several seeds is drawn at its mean over seeds.
 
     Returns:
         The list of PNG paths written.
@@ -199,13 +241,18 @@ def plots(results, folder):
     written = []
     for norm in sorted({r["threat_model"]["norm"] for r in results}):
         rows = [r for r in results if r["threat_model"]["norm"] == norm]
+        groups = _groups(rows)
+        epsilons = [str(e) for e in rows[0]["threat_model"]["epsilons"]]
         attacks = list(dict.fromkeys(a for r in rows for a in r["robust_accuracy"])) + ["worst"]
         for attack in attacks:
             figure, axis = plt.subplots(figsize=(5, 3.5))
-            for r in rows:
-                per_eps = r["worst_case"] if attack == "worst" else r["robust_accuracy"].get(attack, {})
-                eps = [0.0] + [float(e) for e in per_eps]
-                axis.plot(eps, [r["clean_accuracy"]] + list(per_eps.values()), marker="o", label=r["model"]["name"])
+            for group in groups:
+                curve = [_mean(r["clean_accuracy"] for r in group)]
+                for e in epsilons:
+                    curve.append(_mean((r["worst_case"] if attack == "worst" else r["robust_accuracy"].get(attack, {})
+                                        ).get(e) for r in group))
+                points = [(x, v) for x, v in zip([0.0] + [float(e) for e in epsilons], curve) if v is not None]
+                axis.plot([x for x, _ in points], [v for _, v in points], marker="o", label=group[0]["model"]["name"])
             axis.set(xlabel=f"epsilon ({norm})", ylabel="accuracy", title=f"{rows[0]['experiment']}: {attack}",
                      ylim=(0, 1))
             axis.legend(fontsize="small")
@@ -215,12 +262,13 @@ def plots(results, folder):
             plt.close(figure)
             written.append(path)
         figure, axis = plt.subplots(figsize=(5, 3.5))
-        largest = str(rows[0]["threat_model"]["epsilons"][-1])
-        for i, r in enumerate(rows):
-            size = r["model"]["packed_bytes"] / 1024
-            axis.scatter([size], [r["clean_accuracy"]], marker="o", color=f"C{i}")
-            axis.scatter([size], [r["worst_case"][largest]], marker="x", color=f"C{i}")
-            axis.annotate(r["model"]["name"], (size, r["clean_accuracy"]), fontsize="small")
+        largest = epsilons[-1]
+        for i, group in enumerate(groups):
+            size = group[0]["model"]["packed_bytes"] / 1024
+            clean = _mean(r["clean_accuracy"] for r in group)
+            axis.scatter([size], [clean], marker="o", color=f"C{i}")
+            axis.scatter([size], [_mean(r["worst_case"][largest] for r in group)], marker="x", color=f"C{i}")
+            axis.annotate(group[0]["model"]["name"], (size, clean), fontsize="small")
         axis.set(xlabel="packed model size (KB)", ylabel="accuracy (o clean, x worst case at eps " + largest + ")",
                  ylim=(0, 1), title=f"{rows[0]['experiment']}: accuracy vs size ({norm})")
         figure.tight_layout()
@@ -231,20 +279,29 @@ def plots(results, folder):
     return written
 
 
+def _averaged(results):
+    """{(model, norm): {"clean": mean, "worst": {eps: mean}}} over the seeds of each model."""
+    grouped = {}
+    for r in results:
+        grouped.setdefault((r["model"]["name"], r["threat_model"]["norm"]), []).append(r)
+    return {key: {"clean": _mean(r["clean_accuracy"] for r in group),
+                  "worst": {e: _mean(r["worst_case"].get(e) for r in group) for e in group[0]["worst_case"]}}
+            for key, group in grouped.items()}
+
+
 def compare(results_a, results_b):
-    """A Markdown table of two result sets side by side (matched by model and threat model)."""
-    index_b = {(r["model"]["name"], r["threat_model"]["norm"]): r for r in results_b}
+    """A Markdown table of two result sets side by side (matched by model and threat model; seeds averaged)."""
+    index_a, index_b = _averaged(results_a), _averaged(results_b)
     lines = ["| model | norm | metric | A | B | B - A |", "| --- | --- | --- | --- | --- | --- |"]
-    for a in results_a:
-        b = index_b.get((a["model"]["name"], a["threat_model"]["norm"]))
+    for (model, norm), a in index_a.items():
+        b = index_b.get((model, norm))
         if b is None:
             continue
-        metrics = [("clean", a["clean_accuracy"], b["clean_accuracy"])]
-        metrics += [(f"worst {e}", a["worst_case"][e], b["worst_case"].get(e)) for e in a["worst_case"]]
+        metrics = [("clean", a["clean"], b["clean"])]
+        metrics += [(f"worst {e}", a["worst"][e], b["worst"].get(e)) for e in a["worst"]]
         for name, va, vb in metrics:
-            delta = "-" if vb is None else f"{100 * (vb - va):+.1f}"
-            lines.append(f"| {a['model']['name']} | {a['threat_model']['norm']} | {name} | {_percent(va)} | "
-                         f"{_percent(vb)} | {delta} |")
+            delta = "-" if vb is None or va is None else f"{100 * (vb - va):+.1f}"
+            lines.append(f"| {model} | {norm} | {name} | {_percent(va)} | {_percent(vb)} | {delta} |")
     if len(lines) == 2:
         raise ValueError("The two result sets share no (model, threat model) pair")
     return "\n".join(lines) + "\n"

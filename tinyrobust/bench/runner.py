@@ -217,7 +217,9 @@ def run(config, out_dir, command="", verbose=True):
 
     Each step is skipped when its output exists, so an interrupted run resumes
     where it stopped: trained models (`models/`), deployed-model evaluations
-    (`export/`) and result files (`results/`).
+    (`export/`) and result files (`results/`). With several seeds
+    (`seed = [0, 1, 2]`), each seed runs in `out_dir/seed_<seed>/` and the
+    report gives the mean and standard deviation over seeds.
 
     Args:
         config: the experiment dict.
@@ -226,12 +228,28 @@ def run(config, out_dir, command="", verbose=True):
         verbose: print progress.
 
     Returns:
-        The list of result dicts (one per model and threat model).
+        The list of result dicts (one per seed, model and threat model).
     """
     say = _Say(verbose)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    seeds = config.get("seeds", [config["seed"]])
+    all_results = []
+    for seed in seeds:
+        if len(seeds) == 1:
+            all_results += _run_seed(config, out, command, say)
+        else:
+            say(f"seed {seed} ({seeds.index(seed) + 1} of {len(seeds)})")
+            all_results += _run_seed({**config, "seed": seed, "seeds": [seed]}, out / f"seed_{seed}", command, say)
+    write_report(all_results, out)
+    return all_results
+
+
+def _run_seed(config, out, command, say):
+    """Trains, attacks and exports every model with one seed; returns the result dicts."""
+    verbose = say.verbose
+    out.mkdir(parents=True, exist_ok=True)
     dataset_info = data.info(config["dataset"])
     examples = max(t["examples"] for t in config["threat_models"].values())
     x_test, y_test = data.load_arrays(config["dataset"], "test", limit=examples)
@@ -303,7 +321,6 @@ def run(config, out_dir, command="", verbose=True):
             results_lib.write(result, path)
             all_results.append(result)
         keras.backend.clear_session()
-    write_report(all_results, out)
     return all_results
 
 

@@ -26,7 +26,7 @@ def export_and_verify(model, out_dir, name, representative_data, validation_data
         `(tflite path, ParityReport)`.
     """
     out_dir = pathlib.Path(out_dir)
-    say = print if verbose else (lambda *_: None)
+    say = print if verbose else (lambda *_, **__: None)
     say(f"  {name}: folding, int8 conversion and TFLite Micro check -> {out_dir / name}.tflite", flush=True)
     path = to_tflite(model, out_dir / f"{name}.tflite", representative_data)
     to_c_array(path, out_dir, name)
