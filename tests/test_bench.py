@@ -194,25 +194,33 @@ def test_synthetic_kws_experiment_smoke(tmp_path, monkeypatch):
     assert len(results) == len(config["models"]) and all(r["quality_target"] is None for r in results)
 
 
-def test_two_stage_distillation_smoke_and_student_stage_from_a_saved_teacher(tmp_path):
-    config = bench.load(EXPERIMENTS / "fashion_mnist_ard.toml", profile="smoke")
-    results = bench.run(config, tmp_path / "both", verbose=False)
-    by_name = {r["model"]["name"]: r for r in results}
-    assert set(by_name) == {"teacher", "stq_ard"}
-    assert by_name["stq_ard"]["model"]["distill"] == {"teacher": "teacher", "method": "ard", "alpha": 0.9}
-    assert by_name["stq_ard"]["model"]["quantization"] == "stq"  # the saved model is the student
-    assert by_name["stq_ard"]["model"]["params"] < by_name["teacher"]["model"]["params"]
-    # Stage two on its own, from the saved teacher file (as on another machine).
-    teacher = tmp_path / "elsewhere" / "teacher.keras"
-    teacher.parent.mkdir()
-    teacher.write_bytes((tmp_path / "both" / "models" / "teacher.keras").read_bytes())
-    text = (EXPERIMENTS / "fashion_mnist_ard.toml").read_text().replace('teacher = "teacher"', f'teacher = "{teacher}"')
-    student_only = bench.load(_write(tmp_path, text), profile="smoke")
-    student_only["models"] = [m for m in student_only["models"] if m["name"] != "teacher"]
+def test_two_stage_distillation_runs_its_stages_apart(tmp_path, capsys):
+    ard = str(EXPERIMENTS / "fashion_mnist_ard.toml")
+    stage = ["bench", ard, "--profile", "smoke", "--quiet", "--models"]
+    # Stage one on one machine: the adversarially trained teacher.
+    assert cli.main([*stage, "teacher", "--out", str(tmp_path / "a")]) == 0
+    assert [p.name for p in (tmp_path / "a" / "results").iterdir()] == ["teacher__linf.json"]
+    # Stage two on another: the student needs the teacher's file.
+    assert cli.main([*stage, "stq_ard", "--out", str(tmp_path / "b")]) == 2
+    assert "--models teacher" in capsys.readouterr().err
+    (tmp_path / "b" / "models").mkdir(parents=True)
+    (tmp_path / "b" / "models" / "teacher.keras").write_bytes((tmp_path / "a" / "models" / "teacher.keras").read_bytes())
+    assert cli.main([*stage, "stq_ard", "--out", str(tmp_path / "b")]) == 0
+    student = json.loads((tmp_path / "b" / "results" / "stq_ard__linf.json").read_text())
+    teacher = json.loads((tmp_path / "a" / "results" / "teacher__linf.json").read_text())
+    assert student["model"]["distill"] == {"teacher": "teacher", "method": "ard", "alpha": 0.9}
+    assert student["model"]["quantization"] == "stq"  # the saved model is the student
+    assert student["model"]["params"] < teacher["model"]["params"] and student["deployed"]["model_bytes"] > 0
+    assert cli.main([*stage, "nobody", "--out", str(tmp_path / "c")]) == 2
+    assert "models='nobody'" in capsys.readouterr().err
+    # Or name the teacher's file in the experiment.
+    text = (EXPERIMENTS / "fashion_mnist_ard.toml").read_text().replace(
+        'teacher = "teacher"', f'teacher = "{tmp_path / "a" / "models" / "teacher.keras"}"')
+    student_only = bench.select_models(bench.load(_write(tmp_path, text), profile="smoke"), ["stq_ard"])
     student_only["export"]["enabled"] = False
-    results = bench.run(student_only, tmp_path / "student", verbose=False)
+    results = bench.run(student_only, tmp_path / "d", verbose=False)
     assert [r["model"]["name"] for r in results] == ["stq_ard"]
-    assert results[0]["model"]["distill"]["teacher"] == str(teacher)
+    assert results[0]["model"]["distill"]["teacher"] == str(tmp_path / "a" / "models" / "teacher.keras")
 
 
 def test_multi_exit_models_train_with_neokd_and_report_every_exit(tmp_path):
@@ -254,3 +262,11 @@ def test_several_seeds_run_apart_and_report_mean_and_spread(tmp_path, capsys):
     (tmp_path / "run" / "report.md").unlink()
     assert cli.main(["report", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "report.md").read_text() == report
+
+
+def test_plain_multi_exit_model_trains_on_the_mean_exit_cross_entropy(tmp_path):
+    text = BASE.replace('options = { width = 4 }', 'options = { width = 4 }\nexits = { layers = ["relu_2"] }')
+    text += "\nmulti_exit = { steps = 1, targets = ['average'] }\n[train]\nlimit = 64\n[export]\nenabled = false\n"
+    (result,) = bench.run(bench.load(_write(tmp_path, text)), tmp_path / "run", verbose=False)
+    assert result["model"]["neokd"] is None and len(result["multi_exit"]["clean"]) == 2
+    assert set(result["multi_exit"]["attacks"]) == {"average"}

@@ -21,6 +21,8 @@ def _bench(args):
     from tinyrobust import bench
 
     config = bench.load(args.experiment, profile=args.profile)
+    if getattr(args, "models", None):
+        config = bench.select_models(config, [n.strip() for n in args.models.split(",") if n.strip()])
     out = pathlib.Path(args.out or pathlib.Path("runs") / config["name"] / (args.profile or "base"))
     command = "tinyrobust " + " ".join(args.argv)
     start = time.perf_counter()
@@ -83,6 +85,9 @@ def build_parser():
     bench.add_argument("--profile", default=None, help="profile defined in the file: smoke, demo, quick, full, ...")
     bench.add_argument("--out", default=None, help="output folder (default: runs/<experiment>/<profile>)")
     bench.add_argument("--quiet", action="store_true", help="no progress output")
+    bench.add_argument("--models", default=None,
+                       help="comma-separated model names to run (default: all), e.g. the teacher stage on one "
+                            "machine and the students on another, from <out>/models/<teacher>.keras")
     bench.set_defaults(run=_bench)
     demo = commands.add_parser("demo", help="the fashion_mnist_tiny experiment: float vs STQ vs STQ+JR under "
                                             "FGSM, PGD and Square, exported to TFLite Micro (~10 min on 2 cores)")

@@ -291,6 +291,22 @@ def _check_multi_exit(where, threat):
                               f"'max_average'. Received: targets={targets!r}")
 
 
+def select_models(config, names):
+    """The experiment restricted to the named models (in file order), e.g. one stage of a two-stage transfer.
+
+    A selected student whose teacher is not selected loads the teacher from
+    `<out>/models/<teacher>.keras`, trained by an earlier run or copied there.
+
+    Raises:
+        ExperimentError: a name the experiment does not define.
+    """
+    known = [m["name"] for m in config["models"]]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ExperimentError(f"Unknown model (defined: {', '.join(known)}). Received: models={','.join(names)!r}")
+    return {**config, "models": [m for m in config["models"] if m["name"] in names]}
+
+
 def build_attack(spec, norm, epsilons, input_range, seed):
     """The attack object of one `[threat_models.<norm>.attacks.<name>]` entry."""
     cls = ATTACKS[spec["type"]]

@@ -63,6 +63,10 @@ def _build(config, spec, dataset_info, out):
         student = model if jacobian is None else RobustModel.wrap(model, jacobian=jacobian, name=spec["name"])
         teacher = teaching["teacher"]
         path = pathlib.Path(teacher) if teacher.endswith(".keras") else out / "models" / f"{teacher}.keras"
+        if not path.is_file():
+            raise FileNotFoundError(f"The teacher of {spec['name']!r} is not trained: no {path}. Run its stage first "
+                                    f"(`--models {teacher}`) or copy its .keras file there. Received: "
+                                    f"distill.teacher={teacher!r}")
         method = teaching.get("method", "ard")
         if method != "kd" and adversary is None:  # the dataset's threat scale: 8/255 of its input range
             low, high = dataset_info.input_range
@@ -92,10 +96,10 @@ def train(config, spec, out, verbose=True):
     recipe = config["train"]
     keras.utils.set_random_seed(config["seed"])
     model = _build(config, spec, dataset_info, out)
+    exits = len(model.outputs) if spec.get("exits") and not isinstance(model, multiexit.NEOKD) else 0
     if isinstance(model, (distill.RobustDistiller, multiexit.NEOKD)):  # the loss comes from the method
         model.compile(optimizer=keras.optimizers.Adam(recipe["learning_rate"]))
-    elif len(model.outputs) > 1:  # a multi-exit model: cross-entropy averaged over the exits
-        exits = len(model.outputs)
+    elif exits:  # a plain multi-exit model: cross-entropy averaged over the exits
         model.compile(optimizer=keras.optimizers.Adam(recipe["learning_rate"]),
                       loss=[keras.losses.SparseCategoricalCrossentropy(from_logits=True)] * exits,
                       loss_weights=[1 / exits] * exits, metrics=[["accuracy"]] * exits)
@@ -105,8 +109,7 @@ def train(config, spec, out, verbose=True):
     train_data = data.load(config["dataset"], "train", batch_size=recipe["batch_size"], seed=config["seed"],
                            limit=recipe["limit"], augment=recipe["augment"],
                            validation_fraction=recipe["validation_fraction"])
-    if not isinstance(model, multiexit.NEOKD) and len(model.outputs) > 1:  # one copy of the labels per exit
-        exits = len(model.outputs)
+    if exits:  # one copy of the labels per exit
         train_data = train_data.map(lambda x, y: (x, (y,) * exits))
     start = time.perf_counter()
     backup = keras.callbacks.BackupAndRestore(str(out / "checkpoints" / spec["name"]))
