@@ -51,6 +51,7 @@ attacks = { fgsm = { type = "FGSM" } }
                       'adversary = { method = "pgd", epsilon = 0.1 }'), "remove the adversary"),
         (BASE.replace('options = { width = 4 }', 'exits = { layers = ["conv_9"] }'), "exits.layers='conv_9'"),
         (BASE.replace('options = { width = 4 }', 'exits = { layers = [] }'), "exits.layers"),
+        (BASE.replace('options = { width = 4 }', 'exits = ["relu_1"]'), "exits=\\['relu_1'\\]"),
         (BASE.replace('options = { width = 4 }', 'exits = { layers = ["relu_1"], thresholds = [1.5] }'),
          "exits.thresholds=1.5"),
         (BASE.replace('options = { width = 4 }', 'exits = { layers = ["relu_1"] }\njacobian = { input = 0.1 }'),

@@ -155,8 +155,11 @@ def _check_exits(where, model, dataset_info):
     The layer names are checked against the built architecture.
     """
     exits = model.get("exits")
-    if not isinstance(exits, dict):
+    if exits is None:
         raise ExperimentError(f"`{where}neokd` trains a multi-exit model: add `{where}exits = {{ layers = [...] }}`. "
+                              f"Received: {where}exits=None")
+    if not isinstance(exits, dict):
+        raise ExperimentError(f"Expected `{where}exits` to be a table `{{ layers = [...] }}`. "
                               f"Received: {where}exits={exits!r}")
     _unknown(f"{where}exits.", exits, _EXITS)
     for key in ("jacobian", "distill"):
