@@ -219,6 +219,8 @@ def test_square_agrees_with_art(trained):
 def test_check_model_passes_a_plain_logit_model(trained):
     model, x, y = trained
     assert attacks.check_model(model, x[:50], y[:50], warn=False).ok
+    constant = lambda batch: keras.ops.one_hot(keras.ops.zeros(keras.ops.shape(batch)[:1], "int32"), 10) * 5  # noqa: E731
+    assert "clean_near_chance" in attacks.check_model(constant, x[:50], y[:50], warn=False).flags
 
 
 def test_check_model_flags_softmax_and_randomness(trained):

@@ -167,7 +167,8 @@ def test_result_schema_rejects_broken_files():
         results_lib.validate({k: v for k, v in good.items() if k != "model"})
 
 
-@pytest.mark.parametrize("name", ["cifar10_resnet8", "svhn_resnet8", "speech_commands_dscnn"])
+@pytest.mark.parametrize("name", ["cifar10_resnet8", "svhn_resnet8", "speech_commands_dscnn", "cifar10_ard_mobilenetv2",
+                                  "cifar10_neokd"])
 def test_tfds_experiments_smoke_with_mock_data(tmp_path, name):
     import tensorflow_datasets as tfds
 
@@ -178,11 +179,11 @@ def test_tfds_experiments_smoke_with_mock_data(tmp_path, name):
         (m["name"], norm) for m in config["models"] for norm in config["threat_models"]}
     for result in results:
         results_lib.validate(result)
-        if name == "svhn_resnet8":  # MLPerf Tiny sets no SVHN target
-            assert result["quality_target"] is None
-        else:
-            assert result["quality_target"]["met"] in (True, False)
+        target = bench.QUALITY_TARGETS.get((result["dataset"], result["model"]["architecture"]))  # none for SVHN
+        assert result["quality_target"] == (None if target is None else {
+            "metric": "clean_accuracy", "target": target, "met": result["clean_accuracy"] >= target})
         assert result["deployed"]["model_bytes"] > 0
+        assert (result["multi_exit"] is not None) == bool(result["model"]["exits"])
 
 
 def test_synthetic_kws_experiment_smoke(tmp_path, monkeypatch):

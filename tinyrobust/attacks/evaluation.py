@@ -184,7 +184,10 @@ def check_model(model, x, y, report=None, num_classes=None, chance_margin=0.1, w
     On the model: softmax outputs instead of logits ("softmax_output"), outputs
     that change between identical calls ("randomized"), input gradients that
     are zero for most examples ("zero_gradients") or not finite
-    ("nonfinite_gradients"). With a `RobustnessReport` from an evaluation:
+    ("nonfinite_gradients"), clean accuracy on `(x, y)` within `chance_margin`
+    of chance ("clean_near_chance": robust accuracies of such a model mean
+    nothing; e.g. too few training steps for the BatchNormalization
+    statistics). With a `RobustnessReport` from an evaluation:
     black-box or transfer attacks beating white-box ones ("black_box_beats_white_box"),
     single-step beating iterative ("single_step_beats_iterative"), and
     accuracy at the largest eps still above chance ("not_reaching_chance").
@@ -211,6 +214,12 @@ def check_model(model, x, y, report=None, num_classes=None, chance_margin=0.1, w
             flags["softmax_output"] = "Outputs are probabilities (rows sum to 1): attacks need logits."
     if not np.array_equal(first, second):
         flags["randomized"] = "Outputs differ between identical calls: evaluate with EOT."
+    if num_classes and first.ndim == 2:
+        clean = float(np.mean(first.argmax(axis=1) == y))
+        if clean <= 1.0 / num_classes + chance_margin:
+            flags["clean_near_chance"] = (
+                f"Clean accuracy is {clean:.1%}, near chance ({1 / num_classes:.1%}): the model has not learned (or "
+                "runs in the wrong mode), so its robust accuracies mean nothing.")
     fn = logits_function(model)
     inputs = tf.constant(x)
     with tf.GradientTape() as tape:

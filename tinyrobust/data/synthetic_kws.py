@@ -33,6 +33,7 @@ FLITE_VOICES = ("kal", "kal16", "awb", "rms", "slt")
 # Speakers are split by voice variant, so that test speakers are unseen in training.
 TEST_VARIANTS = ("m7", "f5", "klatt3")
 TEST_FLITE_VOICES = ("slt",)
+SPLITS = ("train", "test")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +164,7 @@ def generate(folder, config=Config(), workers=4):
     check_synthesisers()
     rng = np.random.default_rng(config.seed)
     jobs = []
-    for split, per_class in (("train", config.train_per_class), ("test", config.test_per_class)):
+    for split, per_class in zip(SPLITS, (config.train_per_class, config.test_per_class)):
         for label in LABELS:
             for _ in range(per_class):
                 jobs.append((split, _clip_parameters(rng, label, split), int(rng.integers(2**31))))
@@ -213,11 +214,16 @@ def read(split, config=Config()):
         config: a `Config`.
 
     Returns:
-        `(waveforms, labels)`: int16 (N, 16000) and int32 (N,).
+        `(waveforms, labels)`: int16 (N, 16000) and int32 (N,), in a fixed
+        shuffled order (clips are generated class by class; the first N of a
+        split must not all be of a few classes).
     """
+    if split not in SPLITS:
+        raise ValueError(f"Expected split 'train' or 'test'. Received: split={split!r}")
     folder = cache_root() / config.key()
     if not is_valid(folder):
         generate(folder, config)
     with np.load(folder / "clips.npz") as archive:
-        keep = archive["splits"] == split
-        return archive["waveforms"][keep], archive["labels"][keep]
+        keep = np.flatnonzero(archive["splits"] == split)
+        order = keep[np.random.default_rng([config.seed, SPLITS.index(split)]).permutation(len(keep))]
+        return archive["waveforms"][order], archive["labels"][order]
