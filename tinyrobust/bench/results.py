@@ -6,7 +6,8 @@ Schema (version 1) of `results/<model>__<norm>.json`:
   `dataset` (str), `seed` (int), `command` (str), `versions` ({package: version}),
 - `model`: `name`, `architecture`, `quantization`, `jacobian` ({layer: weight}),
   `adversary` (table or null), `distill` (the student's `{teacher, method, ...}`
-  or null), `params`, `int8_bytes`, `packed_bytes`
+  or null), `exits` and `neokd` (the multi-exit tables or null), `params`,
+  `int8_bytes`, `packed_bytes`
   (from `tinyrobust.summary`), `bits` ({layer: {weight: bits}}),
 - `threat_model`: `norm`, `epsilons`, `examples`,
 - `clean_accuracy` (float), `robust_accuracy` ({attack: {eps: accuracy}}),
