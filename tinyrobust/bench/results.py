@@ -132,10 +132,15 @@ def _stat(group, get):
     """Percent cell of `get(result)` over a group: the value, or mean ± standard deviation over seeds."""
     values = [v for v in (get(r) for r in group) if v is not None]
     if len(values) < 2:
-        return _percent(values[0] if values else None)
-    mean = sum(values) / len(values)
+        return _percent(_mean(values))
+    mean = _mean(values)
     std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
     return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def _deployed(result):
+    """The result's deployed-model record, or {} when there is none."""
+    return result.get("deployed") or {}
 
 
 def _label(result, seeds):
@@ -158,7 +163,7 @@ def table(results):
         groups = _groups(rows)
         epsilons = [str(e) for e in rows[0]["threat_model"]["epsilons"]]
         attacks = list(dict.fromkeys(a for r in rows for a in r["robust_accuracy"]))
-        deployed = list(dict.fromkeys(a for r in rows for a in ((r.get("deployed") or {}).get("robust_accuracy") or {})))
+        deployed = list(dict.fromkeys(a for r in rows for a in (_deployed(r).get("robust_accuracy") or {})))
         seeds = sorted({r["seed"] for r in rows})
         header = ["model", "quant.", "clean"] + [f"{a} {e}" for a in attacks for e in epsilons]
         header += [f"worst {e}" for e in epsilons] + ["TFLM clean"] + [f"TFLM {a} {e}" for a in deployed for e in epsilons]
@@ -169,17 +174,13 @@ def table(results):
                  "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         for group in groups:
             first = group[0]
-            d = first.get("deployed") or {}
-
-            def deployed_of(r):
-                return r.get("deployed") or {}
-
+            d = _deployed(first)
             cells = [first["model"]["name"], first["model"]["quantization"], _stat(group, lambda r: r["clean_accuracy"])]
             cells += [_stat(group, lambda r, a=a, e=e: r["robust_accuracy"].get(a, {}).get(e))
                       for a in attacks for e in epsilons]
             cells += [_stat(group, lambda r, e=e: r["worst_case"].get(e)) for e in epsilons]
-            cells += [_stat(group, lambda r: deployed_of(r).get("clean_accuracy"))]
-            cells += [_stat(group, lambda r, a=a, e=e: (deployed_of(r).get("robust_accuracy") or {}).get(a, {}).get(e))
+            cells += [_stat(group, lambda r: _deployed(r).get("clean_accuracy"))]
+            cells += [_stat(group, lambda r, a=a, e=e: (_deployed(r).get("robust_accuracy") or {}).get(a, {}).get(e))
                       for a in deployed for e in epsilons]
             cells += [f"{first['model']['packed_bytes'] / 1024:.1f}",
                       "-" if not d else f"{d['model_bytes'] / 1024:.1f}",
