@@ -26,8 +26,8 @@ def _bench(args):
     out = pathlib.Path(args.out or pathlib.Path("runs") / config["name"] / (args.profile or "base"))
     command = "tinyrobust " + " ".join(args.argv)
     start = time.perf_counter()
-    results = bench.run(config, out, command=command, verbose=not args.quiet)
-    print("\n" + bench.table(results))
+    bench.run(config, out, command=command, verbose=not args.quiet)
+    print("\n" + (out / "report.md").read_text())
     print(f"Results: {out / 'results'}  Report: {out / 'report.md'}  Plots: {out / 'plots'}  "
           f"({time.perf_counter() - start:.0f} s)")
     return 0

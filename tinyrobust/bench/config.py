@@ -299,6 +299,8 @@ def select_models(config, names):
 
     A selected student whose teacher is not selected loads the teacher from
     `<out>/models/<teacher>.keras`, trained by an earlier run or copied there.
+    The run's report also lists the other models' results found in `<out>`
+    (`defined_models` keeps their order).
 
     Raises:
         ExperimentError: a name the experiment does not define.
@@ -307,7 +309,7 @@ def select_models(config, names):
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise ExperimentError(f"Unknown model (defined: {', '.join(known)}). Received: models={','.join(names)!r}")
-    return {**config, "models": [m for m in config["models"] if m["name"] in names]}
+    return {**config, "models": [m for m in config["models"] if m["name"] in names], "defined_models": known}
 
 
 def build_attack(spec, norm, epsilons, input_range, seed):
