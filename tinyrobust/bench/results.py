@@ -170,7 +170,7 @@ def table(results):
         header += ["packed KB", "TFLite KB", "arena KB"]
         seed_note = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean ± std over seeds {', '.join(map(str, seeds))}"
         lines = [f"### {rows[0]['experiment']} ({rows[0]['dataset']}, {norm}, {rows[0]['threat_model']['examples']} "
-                 f"test examples, profile {rows[0].get('profile')}, {seed_note})", "",
+                 f"test examples, profile {rows[0].get('profile') or 'base'}, {seed_note})", "",
                  "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         for group in groups:
             first = group[0]
