@@ -167,8 +167,8 @@ def test_result_schema_rejects_broken_files():
         results_lib.validate({k: v for k, v in good.items() if k != "model"})
 
 
-# cifar10_ard_mobilenetv2's smoke (STQ MobileNetV2, ~90 s alone) is validated but left out of CI for time.
-@pytest.mark.parametrize("name", ["cifar10_resnet8", "svhn_resnet8", "speech_commands_dscnn", "cifar10_neokd"])
+@pytest.mark.parametrize(
+    "name", ["cifar10_resnet8", "svhn_resnet8", "speech_commands_dscnn", "cifar10_neokd", "cifar10_ard_mobilenetv2"])
 def test_tfds_experiments_smoke_with_mock_data(tmp_path, name):
     import tensorflow_datasets as tfds
 
