@@ -208,8 +208,11 @@ def test_two_stage_distillation_runs_its_stages_apart(tmp_path, capsys):
     for file in ["models/teacher.keras", "results/teacher__linf.json"]:  # the teacher's result is optional
         (tmp_path / "b" / file).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "b" / file).write_bytes((tmp_path / "a" / file).read_bytes())
+    stale = json.loads((tmp_path / "a" / "results" / "teacher__linf.json").read_text())
+    stale["model"]["name"] = "renamed"
+    (tmp_path / "b" / "results" / "renamed__linf.json").write_text(json.dumps(stale))
     assert cli.main([*stage, "stq_ard", "--out", str(tmp_path / "b")]) == 0
-    # The report covers both stages, in the experiment's order.
+    # The report covers both stages, in the experiment's order, and no model the experiment lacks.
     rows = [line.split(" | ")[0] for line in (tmp_path / "b" / "report.md").read_text().splitlines()
             if line.startswith("| ") and " | " in line]
     assert rows[2:] == ["| teacher", "| stq_ard"], rows

@@ -252,20 +252,20 @@ def run(config, out_dir, command="", verbose=True):
 def _with_earlier_results(results, out, config):
     """`results` plus the results in `out` of the experiment's models not run now (an earlier `--models` stage).
 
-    Only files of the same experiment, profile and seeds count. Models come in
-    the experiment file's order.
+    Only files of the same experiment, profile and seeds and of models the
+    experiment defines count (a stale file of a renamed model does not).
+    Models come in the experiment file's order.
     """
+    order = config.get("defined_models", [m["name"] for m in config["models"]])
     names = {r["model"]["name"] for r in results}
     try:
         found = results_lib.read_all(out)
     except FileNotFoundError:
         found = []
     seeds = config.get("seeds", [config["seed"]])
-    earlier = [r for r in found if r["model"]["name"] not in names and r["experiment"] == config["name"]
-               and r["profile"] == config["profile"] and r["seed"] in seeds]
-    order = config.get("defined_models", [m["name"] for m in config["models"]])
-    return sorted(results + earlier, key=lambda r: order.index(r["model"]["name"]) if r["model"]["name"] in order
-                  else len(order))
+    earlier = [r for r in found if r["model"]["name"] in order and r["model"]["name"] not in names
+               and r["experiment"] == config["name"] and r["profile"] == config["profile"] and r["seed"] in seeds]
+    return sorted(results + earlier, key=lambda r: order.index(r["model"]["name"]))
 
 
 def _run_seed(config, out, command, say):
