@@ -115,11 +115,11 @@ def _percent(value):
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def _groups(rows):
-    """Results of the same model (one per seed) together, in first-seen order: a list of lists."""
+def _groups(rows, key=lambda r: r["model"]["name"]):
+    """Results with the same `key` (by default the same model: one per seed) together, in first-seen order."""
     groups = {}
     for r in rows:
-        groups.setdefault(r["model"]["name"], []).append(r)
+        groups.setdefault(key(r), []).append(r)
     return list(groups.values())
 
 
@@ -283,12 +283,10 @@ def plots(results, folder):
 
 def _averaged(results):
     """{(model, norm): {"clean": mean, "worst": {eps: mean}}} over the seeds of each model."""
-    grouped = {}
-    for r in results:
-        grouped.setdefault((r["model"]["name"], r["threat_model"]["norm"]), []).append(r)
-    return {key: {"clean": _mean(r["clean_accuracy"] for r in group),
-                  "worst": {e: _mean(r["worst_case"].get(e) for r in group) for e in group[0]["worst_case"]}}
-            for key, group in grouped.items()}
+    return {(group[0]["model"]["name"], group[0]["threat_model"]["norm"]): {
+                "clean": _mean(r["clean_accuracy"] for r in group),
+                "worst": {e: _mean(r["worst_case"].get(e) for r in group) for e in group[0]["worst_case"]}}
+            for group in _groups(results, key=lambda r: (r["model"]["name"], r["threat_model"]["norm"]))}
 
 
 def compare(results_a, results_b):
