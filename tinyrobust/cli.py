@@ -90,7 +90,7 @@ def build_parser():
                             "machine and the students on another, from <out>/models/<teacher>.keras")
     bench.set_defaults(run=_bench)
     demo = commands.add_parser("demo", help="the fashion_mnist_tiny experiment: float vs STQ vs STQ+JR under "
-                                            "FGSM, PGD and Square, exported to TFLite Micro (~10 min on 2 cores)")
+                                            "FGSM, PGD, Square and HopSkipJump, exported to TFLite Micro (~8 min on 2 cores)")
     demo.add_argument("--profile", default="demo", help="profile of experiments/fashion_mnist_tiny.toml")
     demo.add_argument("--out", default=None)
     demo.add_argument("--quiet", action="store_true")

@@ -245,11 +245,11 @@ def run(config, out_dir, command="", verbose=True):
         else:
             say(f"seed {seed} ({seeds.index(seed) + 1} of {len(seeds)})")
             all_results += _run_seed({**config, "seed": seed, "seeds": [seed]}, out / f"seed_{seed}", command, say)
-    write_report(_with_earlier_results(all_results, out, config), out)
+    write_report(_with_earlier_results(all_results, out, config, seeds), out)
     return all_results
 
 
-def _with_earlier_results(results, out, config):
+def _with_earlier_results(results, out, config, seeds):
     """`results` plus the results in `out` of the experiment's models not run now (an earlier `--models` stage).
 
     Only files of the same experiment, profile and seeds and of models the
@@ -262,7 +262,6 @@ def _with_earlier_results(results, out, config):
         found = results_lib.read_all(out)
     except FileNotFoundError:
         found = []
-    seeds = config.get("seeds", [config["seed"]])
     earlier = [r for r in found if r["model"]["name"] in order and r["model"]["name"] not in names
                and r["experiment"] == config["name"] and r["profile"] == config["profile"] and r["seed"] in seeds]
     return sorted(results + earlier, key=lambda r: order.index(r["model"]["name"]))
