@@ -1,7 +1,8 @@
 """L2 radii for the KWS experiments: accuracy of trained DS-CNNs under L2 PGD and C&W on the synthetic keywords.
 
 The L2 epsilons of `experiments/speech_commands_dscnn.toml` are in MFCC units;
-this measures where L2 attacks start to bite on the same front end. It loads
+this measures where L2 attacks start to bite on the same front end, and the
+spread of the inputs per MFCC coefficient (the scale of the L-inf epsilons). It loads
 the models that the `jr_sweep` profile of `experiments/synthetic_kws_dscnn.toml`
 trained (`models/<name>.keras` in its output folder) and attacks the first
 `--examples` synthetic test clips.
@@ -55,12 +56,14 @@ def main(argv=None):
         rows[name] = measure(keras.saving.load_model(path), x, y, epsilons, input_range, args.pgd_steps, args.cw_steps)
         print(name, rows[name], flush=True)
     RESULTS.mkdir(exist_ok=True)
+    spread = [round(float(v), 2) for v in x.std(axis=(0, 1, 3))]  # per MFCC coefficient, over clips and frames
     record = {"command": "benchmarks/kws_l2_radii.py " + " ".join(argv), "examples": int(len(x)),
+              "input_std_per_coefficient": spread,
               "epsilons": epsilons, "pgd_steps": args.pgd_steps, "cw_steps": args.cw_steps, "models": rows}
     (RESULTS / "kws_l2_radii.json").write_text(json.dumps(record, indent=2) + "\n")
     header = ["model", "clean"] + [f"{a} {e:g}" for a in ("pgd", "cw") for e in epsilons]
     lines = [f"L2 accuracy (%) on {len(x)} synthetic keyword test clips; PGD-{args.pgd_steps}, C&W {args.cw_steps} "
-             "steps; eps in MFCC units.", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+             f"steps; eps in MFCC units. Input standard deviation per MFCC coefficient: {spread}.", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, accuracy in rows.items():
         cells = [name, f"{100 * accuracy['clean']:.1f}"]
         cells += [f"{100 * accuracy['attacks'][a][str(e)]:.1f}" for a in ("pgd", "cw") for e in epsilons]
