@@ -3,6 +3,7 @@ import pathlib
 
 import pytest
 
+import tinyrobust as tr
 from tinyrobust import bench, cli
 from tinyrobust.bench import results as results_lib
 
@@ -127,7 +128,13 @@ def test_smoke_run_end_to_end_resumes_and_reports(tmp_path, capsys):
     stq = json.loads((out / "results" / "stq__linf.json").read_text())
     flt = json.loads((out / "results" / "float__linf.json").read_text())
     assert stq["model"]["packed_bytes"] < flt["model"]["packed_bytes"]
+    # The deployed evaluation ran on the compressed file, which ships the ternary kernels below int8.
+    assert stq["deployed"]["compressed"] and stq["deployed"]["compress"]
+    assert stq["deployed"]["model_bytes"] == (out / "export" / "stq.tflite").stat().st_size
+    assert stq["deployed"]["model_bytes"] < 0.6 * stq["deployed"]["int8_model_bytes"]
+    assert "TFLM_DECODE" in tr.export.operator_names((out / "export" / "stq.tflite").read_bytes())
     report = (out / "report.md").read_text()
+    assert "flash KB" in report and "ideal packed KB" in report
     assert "| stq_jr | stq |" in report and "accuracy_vs_eps_linf_pgd.png" in report
     assert (out / "plots" / "accuracy_vs_size_linf.png").stat().st_size > 1000
 

@@ -163,7 +163,7 @@ class RobustAccuracy(keras.callbacks.Callback):
 
 
 class TFLiteExport(keras.callbacks.Callback):
-    """Exports the best model to int8 TFLite at the end of training and verifies it.
+    """Exports the best model to int8 TFLite (optionally compressed) at the end of training and verifies it.
 
     Keeps the weights of the best epoch by `monitor` (or the final weights
     when `monitor` is None), exports them with `tinyrobust.export.to_tflite`,
@@ -179,9 +179,13 @@ class TFLiteExport(keras.callbacks.Callback):
             "robust_accuracy"), or None for the last epoch.
         mode: "max" or "min" for `monitor`.
         name: base file name and C array name.
+        compress: ship low-bit (ternary, binary, int4) weights below int8
+            through TFLite Micro's LUT compression, bit-exact with the int8
+            file (see `tinyrobust.export.to_tflite`).
     """
 
-    def __init__(self, out_dir, representative_data, validation_data, monitor=None, mode="max", name="model"):
+    def __init__(self, out_dir, representative_data, validation_data, monitor=None, mode="max", name="model",
+                 compress=False):
         super().__init__()
         if mode not in ("max", "min"):
             raise ValueError(f"Expected `mode` to be 'max' or 'min'. Received: mode={mode!r}")
@@ -191,7 +195,9 @@ class TFLiteExport(keras.callbacks.Callback):
         self.out_dir = pathlib.Path(out_dir)
         self.representative_data = representative_data
         self.validation_data = validation_data
-        self.monitor, self.mode, self.name = monitor, mode, name
+        if not isinstance(compress, bool):
+            raise ValueError(f"Expected `compress` to be True or False. Received: compress={compress!r}")
+        self.monitor, self.mode, self.name, self.compress = monitor, mode, name, compress
         self.best, self.best_epoch, self._best_weights = None, None, None
         self.report = None
 
@@ -214,6 +220,7 @@ class TFLiteExport(keras.callbacks.Callback):
         try:
             _, self.report = export.export_and_verify(
                 self.model, self.out_dir, self.name, self.representative_data, self.validation_data,
-                record={"best_epoch": self.best_epoch, "monitor": self.monitor, "best": self.best})
+                record={"best_epoch": self.best_epoch, "monitor": self.monitor, "best": self.best},
+                compress=self.compress)
         finally:
             self.model.set_weights(final_weights)

@@ -71,9 +71,15 @@ def _export(args):
     out = pathlib.Path(args.out)
     name = args.name or model_path.stem.replace("-", "_").replace(".", "_")
     record = {"model": str(model_path), "dataset": args.dataset, "calibration_indices": [int(i) for i in indices]}
-    path, report = tr.export.export_and_verify(model, out, name, calibration, (x_test, y_test), record=record)
+    path, report = tr.export.export_and_verify(model, out, name, calibration, (x_test, y_test), record=record,
+                                               compress=args.compress)
     print(report.to_table())
-    print(f"\nWrote {path}, {out / (name + '.h')}, {out / (name + '.cc')} and {out / (name + '.parity.json')}")
+    written = [path, out / (name + ".h"), out / (name + ".cc"), out / (name + ".parity.json")]
+    if args.compress:
+        compression = tr.export.compression_report_path(path)
+        print("\n" + tr.export.CompressionReport.load(compression).to_table())
+        written += [tr.export.uncompressed_path(path), compression]
+    print(f"\nWrote {', '.join(map(str, written))}")
     return 0
 
 
@@ -111,6 +117,9 @@ def build_parser():
     export.add_argument("--calibration-size", type=int, default=500)
     export.add_argument("--parity-size", type=int, default=1000)
     export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--compress", action="store_true",
+                        help="ship ternary/binary/int4 weights as 1-4 bit TFLM_DECODE look-up tables, bit-exact with "
+                             "the int8 file (written beside it as <name>.int8.tflite)")
     export.set_defaults(run=_export)
     return parser
 

@@ -35,14 +35,14 @@ _MULTI_EXIT = {"steps", "targets"}
 _MULTI_EXIT_TARGETS = ("average", "max_average")
 _ADVERSARY = {"method", "epsilon", "steps", "step_size", "beta"}
 _THREAT = {"epsilons", "examples", "attacks", "multi_exit"}
-_EXPORT = {"enabled", "calibration_size", "parity_examples", "deployed_examples", "deployed_attacks",
+_EXPORT = {"enabled", "compress", "calibration_size", "parity_examples", "deployed_examples", "deployed_attacks",
            "deployed_queries"}
 _DEPLOYED_ATTACKS = ("transfer", "square", "hopskipjump")
 _DEFAULTS = {
     "seed": 0,
     "train": {"epochs": 1, "batch_size": 64, "learning_rate": 1e-3, "limit": None, "augment": False,
               "validation_fraction": 0.1},
-    "export": {"enabled": True, "calibration_size": 500, "parity_examples": 1000, "deployed_examples": 100,
+    "export": {"enabled": True, "compress": True, "calibration_size": 500, "parity_examples": 1000, "deployed_examples": 100,
                "deployed_attacks": ["transfer", "square"], "deployed_queries": 200},
 }
 
@@ -377,6 +377,10 @@ def load(path, profile=None):
     if config["train"]["limit"] is not None:
         _number("train.limit", config["train"]["limit"], low=1, integer=True)
     _unknown("export.", config["export"], _EXPORT)
+    for key in ("enabled", "compress"):
+        if not isinstance(config["export"][key], bool):
+            raise ExperimentError(f"Expected `export.{key}` to be true or false. "
+                                  f"Received: export.{key}={config['export'][key]!r}")
     for key in ("calibration_size", "parity_examples", "deployed_examples", "deployed_queries"):
         _number(f"export.{key}", config["export"][key], low=1, integer=True)
     for attack in config["export"]["deployed_attacks"]:

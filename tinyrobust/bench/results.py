@@ -15,9 +15,14 @@ Schema (version 1) of `results/<model>__<norm>.json`:
   `attack_kinds` ({attack: kind}), `checks` ({flag: message}; empty when clean),
 - `quality_target`: null, or `{"metric": "clean_accuracy", "target": t, "met": bool}`
   (MLPerf Tiny's target for the model and data set),
-- `deployed`: null, or `model_bytes`, `arena_bytes`, `examples`, `agreement`,
-  `clean_accuracy`, `robust_accuracy` ({"transfer"|"square"|"hopskipjump": {eps: accuracy}}),
-  `max_logit_difference`,
+- `deployed`: null, or `model_bytes` (flash bytes of the shipped `.tflite`),
+  `arena_bytes` (its TFLite Micro arena), `compress` (the `[export] compress`
+  setting), `compressed` (whether the shipped file holds LUT-compressed
+  weights), `int8_model_bytes` and `int8_arena_bytes` (the plain int8 file),
+  `examples`, `agreement`, `clean_accuracy`,
+  `robust_accuracy` ({"transfer"|"square"|"hopskipjump": {eps: accuracy}}),
+  `max_logit_difference`; results written before compression lack the
+  `compress*` and `int8_*` keys (their shipped file was the int8 one),
 - `wall_time_s`: {"train", "evaluate", "export"},
 - `multi_exit` (optional; null or absent for single-exit models): for a
   multi-exit model, whose other fields describe its final exit (attacks,
@@ -154,8 +159,10 @@ def table(results):
 
     Rows are models; columns are clean accuracy, each attack at each eps, the
     worst case per eps, the deployed (TFLite Micro) model's clean and
-    transfer/Square accuracy, and sizes. Accuracies in percent; a model run
-    with several seeds shows mean ± sample standard deviation over them.
+    transfer/Square accuracy, and sizes: flash and arena bytes of the shipped
+    file, flash bytes of the plain int8 file, and the ideal packed weight
+    count. Accuracies in percent; a model run with several seeds shows
+    mean ± sample standard deviation over them.
     """
     sections = []
     for norm in sorted({r["threat_model"]["norm"] for r in results}):
@@ -167,7 +174,7 @@ def table(results):
         seeds = sorted({r["seed"] for r in rows})
         header = ["model", "quant.", "clean"] + [f"{a} {e}" for a in attacks for e in epsilons]
         header += [f"worst {e}" for e in epsilons] + ["TFLM clean"] + [f"TFLM {a} {e}" for a in deployed for e in epsilons]
-        header += ["packed KB", "TFLite KB", "arena KB"]
+        header += ["flash KB", "arena KB", "int8 flash KB", "ideal packed KB"]
         seed_note = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean ± std over seeds {', '.join(map(str, seeds))}"
         lines = [f"### {rows[0]['experiment']} ({rows[0]['dataset']}, {norm}, {rows[0]['threat_model']['examples']} "
                  f"test examples, profile {rows[0].get('profile') or 'base'}, {seed_note})", "",
@@ -182,9 +189,10 @@ def table(results):
             cells += [_stat(group, lambda r: _deployed(r).get("clean_accuracy"))]
             cells += [_stat(group, lambda r, a=a, e=e: (_deployed(r).get("robust_accuracy") or {}).get(a, {}).get(e))
                       for a in deployed for e in epsilons]
-            cells += [f"{first['model']['packed_bytes'] / 1024:.1f}",
-                      "-" if not d else f"{d['model_bytes'] / 1024:.1f}",
-                      "-" if not d else f"{d['arena_bytes'] / 1024:.1f}"]
+            cells += ["-" if not d else f"{d['model_bytes'] / 1024:.1f}",
+                      "-" if not d else f"{d['arena_bytes'] / 1024:.1f}",
+                      "-" if not d else f"{d.get('int8_model_bytes', d['model_bytes']) / 1024:.1f}",
+                      f"{first['model']['packed_bytes'] / 1024:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
         flagged = [f"- {_label(r, seeds)}: {flag}: {message}" for r in rows for flag, message in r["checks"].items()]
         if flagged:
@@ -266,12 +274,14 @@ def plots(results, folder):
         figure, axis = plt.subplots(figsize=(5, 3.5))
         largest = epsilons[-1]
         for i, group in enumerate(groups):
-            size = group[0]["model"]["packed_bytes"] / 1024
+            if not _deployed(group[0]):  # not exported: no shipped file to measure
+                continue
+            size = _deployed(group[0])["model_bytes"] / 1024
             clean = _mean(r["clean_accuracy"] for r in group)
             axis.scatter([size], [clean], marker="o", color=f"C{i}")
             axis.scatter([size], [_mean(r["worst_case"][largest] for r in group)], marker="x", color=f"C{i}")
             axis.annotate(group[0]["model"]["name"], (size, clean), fontsize="small")
-        axis.set(xlabel="packed model size (KB)", ylabel="accuracy (o clean, x worst case at eps " + largest + ")",
+        axis.set(xlabel="flash bytes of the shipped .tflite (KB)", ylabel="accuracy (o clean, x worst case at eps " + largest + ")",
                  ylim=(0, 1), title=f"{rows[0]['experiment']}: accuracy vs size ({norm})")
         figure.tight_layout()
         path = folder / f"accuracy_vs_size_{norm}.png"

@@ -129,20 +129,23 @@ def train(config, spec, out, verbose=True):
 
 
 def _deployed(config, spec, model, out, x, y, threat, say):
-    """Exports the model and evaluates the TFLite Micro artifact (clean, transfer, Square, HopSkipJump)."""
+    """Exports the model (compressed when `[export] compress`) and evaluates the shipped TFLite Micro artifact
+    (clean, transfer, Square, HopSkipJump)."""
     settings = config["export"]
     record_path = out / "export" / f"{spec['name']}__{threat['norm']}.deployed.json"
     if record_path.is_file():
-        return json.loads(record_path.read_text())
+        record = json.loads(record_path.read_text())
+        if record.get("compress") == settings["compress"]:
+            return record
     name = spec["name"].replace("-", "_")
     parity_path = out / "export" / f"{name}.parity.json"
-    if not parity_path.is_file():
+    if not parity_path.is_file() or (json.loads(parity_path.read_text()).get("compression") is None) == settings["compress"]:
         calibration, indices = data.calibration_set(config["dataset"], size=settings["calibration_size"],
                                                     seed=config["seed"])
         x_parity, y_parity = data.load_arrays(config["dataset"], "test", limit=settings["parity_examples"])
         export.export_and_verify(model, out / "export", name, calibration, (x_parity, y_parity), runtimes=("tflm",),
                                  record={"calibration_split": "train", "calibration_indices": [int(i) for i in indices]},
-                                 verbose=say.verbose)
+                                 verbose=say.verbose, compress=settings["compress"])
     parity = json.loads(parity_path.read_text())
     deployed = export.TFLiteModel(out / "export" / f"{name}.tflite")
     n = min(settings["deployed_examples"], len(x))
@@ -165,7 +168,12 @@ def _deployed(config, spec, model, out, x, y, threat, say):
                                 seed=config["seed"])
         say(f"  {spec['name']}: {type(attack).__name__} ({queries} queries) on TFLite Micro ({n} examples)")
         robust[key] = accuracy_per_eps(attack.run(deployed, x_d, y_d))
-    record = {"model_bytes": parity["model_bytes"], "arena_bytes": parity["arena_bytes"], "examples": int(n),
+    compression = parity.get("compression")
+    record = {"model_bytes": parity["model_bytes"], "arena_bytes": parity["arena_bytes"], "compress": settings["compress"],
+              "compressed": bool(compression and compression["compressed"]),
+              "int8_model_bytes": compression["int8_bytes"] if compression else parity["model_bytes"],
+              "int8_arena_bytes": compression["int8_arena_bytes"] if compression else parity["arena_bytes"],
+              "examples": int(n),
               "parity_examples": parity["examples"], "agreement": parity["agreement"]["tflm"],
               "max_logit_difference": parity["max_logit_difference"]["tflm"],
               "keras_accuracy": parity["accuracy"]["keras"], "clean_accuracy": parity["accuracy"]["tflm"],

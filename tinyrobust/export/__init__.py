@@ -4,10 +4,19 @@
 converts it to a full-integer int8 `.tflite`; `TFLiteModel` runs it in the
 TFLite Micro Python interpreter (or LiteRT) as a float-in, logits-out
 callable; `verify` reports parity with the Keras model; `to_c_array` writes
-the C source for firmware.
+the C source for firmware. With `compress=True` low-bit weights ship below
+int8 through TFLite Micro's LUT compression (`compress_tflite`), bit-exact
+with the int8 model.
 """
 
 from tinyrobust.export.c_array import to_c_array
+from tinyrobust.export.compress import (
+    CompressionReport,
+    TensorPlan,
+    compress_tflite,
+    is_compressed,
+    plan_compression,
+)
 from tinyrobust.export.deploy import export_and_verify
 from tinyrobust.export.fold import (
     FoldedBatchNorm,
@@ -18,22 +27,31 @@ from tinyrobust.export.parity import ParityReport, verify
 from tinyrobust.export.tflite import (
     RUNTIMES,
     TFLiteModel,
+    compression_report_path,
     kernel_values_per_channel,
     operator_names,
     to_tflite,
+    uncompressed_path,
 )
 
 __all__ = [
+    "CompressionReport",
     "FoldedBatchNorm",
     "ParityReport",
     "RUNTIMES",
     "TFLiteModel",
+    "TensorPlan",
+    "compress_tflite",
+    "compression_report_path",
     "distinct_values_per_channel",
     "export_and_verify",
     "fold_model",
+    "is_compressed",
     "kernel_values_per_channel",
     "operator_names",
+    "plan_compression",
     "to_c_array",
     "to_tflite",
+    "uncompressed_path",
     "verify",
 ]

@@ -4,13 +4,19 @@ import json
 import pathlib
 
 from tinyrobust.export.c_array import to_c_array
+from tinyrobust.export.compress import CompressionReport
 from tinyrobust.export.parity import verify
-from tinyrobust.export.tflite import to_tflite
+from tinyrobust.export.tflite import compression_report_path, to_tflite
 
 
 def export_and_verify(model, out_dir, name, representative_data, validation_data, runtimes=("litert", "tflm"),
-                      record=None, verbose=False):
+                      record=None, verbose=False, compress=False):
     """Writes `<name>.tflite`, `<name>.h/.cc` and `<name>.parity.json` into `out_dir`.
+
+    With `compress=True` the shipped `<name>.tflite` (and the C array) hold
+    LUT-compressed low-bit weights; `<name>.int8.tflite` and
+    `<name>.compression.json` go beside it (see `to_tflite`), and the parity
+    JSON holds the compression report under `compression`.
 
     Args:
         model: the Keras model to export.
@@ -21,16 +27,23 @@ def export_and_verify(model, out_dir, name, representative_data, validation_data
         runtimes: TFLite runtimes compared with Keras.
         record: extra fields stored in the parity JSON (e.g. calibration indices).
         verbose: print each step, with a progress bar for the parity runs.
+        compress: ship low-bit weights below int8 (`to_tflite(compress=True)`).
 
     Returns:
         `(tflite path, ParityReport)`.
     """
     out_dir = pathlib.Path(out_dir)
     say = print if verbose else (lambda *_, **__: None)
-    say(f"  {name}: folding, int8 conversion and TFLite Micro check -> {out_dir / name}.tflite", flush=True)
-    path = to_tflite(model, out_dir / f"{name}.tflite", representative_data)
+    steps = "int8 conversion, compression (bit-exact check)" if compress else "int8 conversion"
+    say(f"  {name}: folding, {steps} and TFLite Micro check -> {out_dir / name}.tflite", flush=True)
+    path = to_tflite(model, out_dir / f"{name}.tflite", representative_data, compress=compress)
+    compression = CompressionReport.load(compression_report_path(path)).to_dict() if compress else None
+    if compression is not None:
+        say(f"  {name}: {compression['int8_bytes']:,} B int8 -> {compression['flash_bytes']:,} B flash, arena "
+            f"{compression['int8_arena_bytes']:,} -> {compression['arena_bytes']:,} B", flush=True)
     to_c_array(path, out_dir, name)
     say(f"  {name}: parity of {', '.join(runtimes)} with Keras", flush=True)
     report = verify(model, path, validation_data, runtimes=runtimes, verbose=verbose)
-    (out_dir / f"{name}.parity.json").write_text(json.dumps({**(record or {}), **report.to_dict()}, indent=2) + "\n")
+    parity = {**(record or {}), **report.to_dict(), "compression": compression}
+    (out_dir / f"{name}.parity.json").write_text(json.dumps(parity, indent=2) + "\n")
     return path, report

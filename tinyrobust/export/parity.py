@@ -6,7 +6,8 @@ import pathlib
 import keras
 import numpy as np
 
-from tinyrobust.export.tflite import RUNTIMES, TFLiteModel
+from tinyrobust.export.compress import is_compressed
+from tinyrobust.export.tflite import RUNTIMES, TFLiteModel, uncompressed_path
 
 
 @dataclasses.dataclass
@@ -20,8 +21,11 @@ class ParityReport:
         agreement: top-1 agreement of each TFLite runtime with Keras.
         max_logit_difference: largest |logit difference| of each TFLite runtime
             vs Keras.
-        model_bytes: size of the `.tflite` file.
+        model_bytes: size of the `.tflite` file (the flash it takes).
         arena_bytes: TFLite Micro arena bytes used.
+        compressed: whether the file holds `TFLM_DECODE`-compressed weights
+            (LiteRT then ran the uncompressed int8 file beside it, which the
+            compressed one equals bit for bit in TFLite Micro).
     """
 
     examples: int
@@ -30,6 +34,7 @@ class ParityReport:
     max_logit_difference: dict
     model_bytes: int
     arena_bytes: int
+    compressed: bool = False
 
     def to_dict(self):
         """The report as JSON-ready dict."""
@@ -45,7 +50,8 @@ class ParityReport:
                 f"| {runtime} | {'-' if accuracy is None else f'{accuracy:.4f}'} | "
                 f"{self.agreement.get(runtime, 1.0):.4f} | {self.max_logit_difference.get(runtime, 0.0):.4g} |"
             )
-        lines.append(f"\nModel {self.model_bytes:,} B, TFLite Micro arena {self.arena_bytes:,} B, "
+        kind = "compressed model (TFLM_DECODE; LiteRT ran its int8 file)" if self.compressed else "Model"
+        lines.append(f"\n{kind} {self.model_bytes:,} B, TFLite Micro arena {self.arena_bytes:,} B, "
                      f"{self.examples} examples.")
         return "\n".join(lines)
 
@@ -71,6 +77,10 @@ def _arrays(data):
 def verify(model, tflite_path, data, runtimes=("litert", "tflm"), verbose=False):
     """Compares the Keras model with its export on `data`.
 
+    A compressed file (`to_tflite(..., compress=True)`) runs in TFLite Micro
+    as it is; LiteRT, which cannot run `TFLM_DECODE`, runs the uncompressed
+    int8 file written beside it.
+
     Args:
         model: the Keras model that was exported.
         tflite_path: the `.tflite` file (or its bytes).
@@ -88,8 +98,11 @@ def verify(model, tflite_path, data, runtimes=("litert", "tflm"), verbose=False)
     if len(x) == 0:
         raise ValueError("Expected `data` to hold at least one example. Received: data with 0 examples")
     source = tflite_path if isinstance(tflite_path, (bytes, bytearray)) else pathlib.Path(tflite_path)
+    compressed = is_compressed(source if isinstance(source, (bytes, bytearray)) else source.read_bytes())
     logits = {"keras": np.asarray(model.predict(x, batch_size=256, verbose=0))}
-    runners = {runtime: TFLiteModel(source, runtime=runtime) for runtime in runtimes}
+    runners = {runtime: TFLiteModel(uncompressed_path(source) if compressed and runtime == "litert"
+                                    and isinstance(source, pathlib.Path) else source, runtime=runtime)
+               for runtime in runtimes}
     for runtime, runner in runners.items():
         progress = keras.utils.Progbar(len(x), unit_name=f"example ({runtime})") if verbose else None
         chunks = []
@@ -107,4 +120,5 @@ def verify(model, tflite_path, data, runtimes=("litert", "tflm"), verbose=False)
         max_logit_difference={k: float(np.max(np.abs(logits[k] - logits["keras"]))) for k in runtimes},
         model_bytes=tflm.model_bytes,
         arena_bytes=tflm.arena_bytes,
+        compressed=compressed,
     )

@@ -1,5 +1,6 @@
 """Full-integer TFLite conversion and the TFLite Micro / LiteRT runner."""
 
+import json
 import os
 import pathlib
 import re
@@ -55,18 +56,23 @@ def _operators(tflite_bytes):
     names = {v: k for k, v in vars(runtime.schema_fb.BuiltinOperator).items() if not k.startswith("_")}
     for subgraph in model.subgraphs:
         for op in subgraph.operators or []:
-            code = runtime.get_builtin_code_from_operator_code(model.operatorCodes[op.opcodeIndex])
-            yield model, subgraph, op, names.get(code, "CUSTOM")
+            operator_code = model.operatorCodes[op.opcodeIndex]
+            code = runtime.get_builtin_code_from_operator_code(operator_code)
+            name = names.get(code, "CUSTOM")
+            if name == "CUSTOM" and operator_code.customCode:
+                custom = operator_code.customCode
+                name = custom.decode() if isinstance(custom, bytes) else str(custom)
+            yield model, subgraph, op, name
 
 
 def operator_names(tflite_bytes):
-    """Names of the builtin operators a TFLite flatbuffer uses, sorted.
+    """Names of the operators a TFLite flatbuffer uses, sorted (custom operators by their custom code).
 
     Args:
         tflite_bytes: the model file's bytes.
 
     Returns:
-        A sorted list such as ["CONV_2D", "FULLY_CONNECTED", ...].
+        A sorted list such as ["CONV_2D", "FULLY_CONNECTED", "TFLM_DECODE", ...].
     """
     return sorted({name for _, _, _, name in _operators(tflite_bytes)})
 
@@ -137,6 +143,7 @@ def _write_atomically(path, data):
     try:
         with os.fdopen(handle, "wb") as f:
             f.write(data)
+        os.chmod(temporary, 0o644)
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
@@ -145,7 +152,19 @@ def _write_atomically(path, data):
     return path
 
 
-def to_tflite(model, path, representative_data, int8=True, calibration_size=500):
+def uncompressed_path(path):
+    """Where `to_tflite(..., compress=True)` writes the int8 model the shipped file is bit-exact with."""
+    path = pathlib.Path(path)
+    return path.with_name(path.stem + ".int8.tflite")
+
+
+def compression_report_path(path):
+    """Where `to_tflite(..., compress=True)` writes the `CompressionReport` of `path`."""
+    path = pathlib.Path(path)
+    return path.with_name(path.stem + ".compression.json")
+
+
+def to_tflite(model, path, representative_data, int8=True, calibration_size=500, compress=False):
     """Exports `model` to a `.tflite` file that runs in TFLite Micro.
 
     Folds quantizers and batch norms into a plain Keras clone
@@ -155,6 +174,16 @@ def to_tflite(model, path, representative_data, int8=True, calibration_size=500)
     split. The result is checked to load and run in TFLite Micro before it is
     written; nothing is written when any step fails.
 
+    With `compress=True`, every weight tensor whose int8 values take at most
+    2^k values per channel (k = 1..4: binary 1 bit, ternary 2, int4 4) is
+    stored as k-bit indices into per-channel value tables that TFLite Micro's
+    `TFLM_DECODE` operator expands at run time
+    (`tinyrobust.export.compress_tflite`); the file is written only when its
+    outputs equal the int8 model's bit for bit in TFLite Micro on the
+    calibration inputs and on random inputs. Beside `path` go the int8 model
+    (`<stem>.int8.tflite`, for LiteRT, which cannot run `TFLM_DECODE`) and the
+    `CompressionReport` (`<stem>.compression.json`).
+
     Args:
         model: a functional Keras model (tinyrobust quantized layers allowed).
         path: where to write the `.tflite` file.
@@ -162,20 +191,35 @@ def to_tflite(model, path, representative_data, int8=True, calibration_size=500)
             a `tf.data.Dataset` of `x` or `(x, y)` batches.
         int8: full-integer int8 (True) or float32 (False) model.
         calibration_size: largest number of calibration inputs used.
+        compress: store low-bit weights below int8 (needs `int8=True`).
 
     Returns:
         The `pathlib.Path` written.
 
     Raises:
         ValueError: empty or mis-shaped representative data, layers that cannot
-            be exported, or a model TFLite Micro cannot run.
+            be exported, a model TFLite Micro cannot run, `compress` without
+            `int8`, or a compressed model that is not bit-exact.
     """
     check_number("calibration_size", calibration_size, low=1, integer=True)
+    for name, value in (("int8", int8), ("compress", compress)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"Expected `{name}` to be True or False. Received: {name}={value!r}")
+    if compress and not int8:
+        raise ValueError("Compression packs int8 weights below 8 bits, so it needs an int8 model. "
+                         "Received: compress=True, int8=False")
     representative = _representative_array(representative_data, model.input_shape[1:], calibration_size)
     plain = fold_model(model)
     tflite_bytes = _convert(plain, representative, bool(int8))
     _check_runs_in_tflm(tflite_bytes, model.name)
-    return _write_atomically(path, tflite_bytes)
+    if not compress:
+        return _write_atomically(path, tflite_bytes)
+    from tinyrobust.export.compress import compress_tflite
+
+    packed, report = compress_tflite(tflite_bytes, representative)
+    _write_atomically(uncompressed_path(path), tflite_bytes)
+    _write_atomically(compression_report_path(path), (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+    return _write_atomically(path, packed)
 
 
 class TFLiteModel:
@@ -220,6 +264,13 @@ class TFLiteModel:
             input_details = self._interpreter.get_input_details(0)
             output_details = self._interpreter.get_output_details(0)
         else:
+            from tinyrobust.export.compress import DECODE_OPERATOR
+
+            if DECODE_OPERATOR in operator_names(data):
+                where = "" if self.path is None else f" ({uncompressed_path(self.path).name} beside it)"
+                raise ValueError(
+                    f"This model is compressed with {DECODE_OPERATOR}, which only TFLite Micro runs; give LiteRT "
+                    f"the uncompressed int8 file{where}. Received: runtime='litert'")
             from ai_edge_litert.interpreter import Interpreter
 
             self._interpreter = Interpreter(model_content=data)
@@ -282,6 +333,15 @@ class TFLiteModel:
         self._interpreter.set_tensor(self._input_index, example[None])
         self._interpreter.invoke()
         return self._interpreter.get_tensor(self._output_index)[0]
+
+    def invoke_quantized(self, x):
+        """Raw outputs (the interpreter's output dtype) of inputs already in its input dtype, one by one."""
+        x = np.asarray(x)
+        if x.shape[1:] != self.input_shape or x.dtype != self.input_dtype:
+            raise ValueError(f"Expected {self.input_dtype} inputs of shape (N, {', '.join(map(str, self.input_shape))}). "
+                             f"Received: x with shape {x.shape} and dtype {x.dtype}")
+        self.queries += len(x)
+        return np.stack([np.array(self._invoke(example)) for example in x]) if len(x) else np.zeros((0,))
 
     def __call__(self, x):
         """Dequantized logits, shape (N, classes), of a float batch `x`."""
