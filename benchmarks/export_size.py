@@ -86,12 +86,12 @@ def _bytes(value):
 
 def markdown(rows, command):
     lines = ["| model | quantization | params | int8 flash B | compressed flash B | int8 arena B | compressed arena B | "
-             "bits | bit-exact | ideal packed B | target flash B | meets target | MLPerf Tiny flash B | "
-             "MLPerf Tiny arena B |", "|" + " --- |" * 14]
+             "arena growth | bits | bit-exact | ideal packed B | target flash B | meets target | MLPerf Tiny flash B | "
+             "MLPerf Tiny arena B |", "|" + " --- |" * 15]
     for r in rows:
         lines.append(f"| {r['model']} | {r['quantization']} | {r['params']:,} | {r['int8_flash_bytes']:,} | "
                      f"{r['flash_bytes']:,} | {r['int8_arena_bytes']:,} | {r['arena_bytes']:,} | "
-                     f"{'/'.join(map(str, r['bits'])) or '-'} | {'yes' if r['bit_exact'] else 'NO'} | "
+                     f"{r['arena_bytes'] / r['int8_arena_bytes'] - 1:+.1%} | {'/'.join(map(str, r['bits'])) or '-'} | {'yes' if r['bit_exact'] else 'NO'} | "
                      f"{r['ideal_packed_weight_bytes']:,} | {_bytes(r['target_flash_bytes'])} | "
                      f"{'-' if r['meets_targets'] is None else 'yes' if r['meets_targets'] else 'NO'} | "
                      f"{_bytes(r['mlperf_tflite_bytes'])} | {_bytes(r['mlperf_arena_bytes'])} |")
