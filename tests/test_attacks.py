@@ -95,7 +95,8 @@ def test_targeted_dlr_lifts_target_above_predicted_class(trained):
 
 @pytest.mark.parametrize("attack", [attacks.Square(0.1, queries=30), attacks.Square(1.0, norm="l2", queries=30),
                                     attacks.SimBA(0.1, queries=30), attacks.HopSkipJump(1.0, queries=200),
-                                    attacks.HopSkipJump(1.0, queries=5), attacks.Boundary(1.0, queries=100)])
+                                    attacks.HopSkipJump(1.0, queries=80, init_evals=10),
+                                    attacks.Boundary(1.0, queries=100)])
 def test_black_box_attacks_report_queries_within_budget(trained, attack):
     model, x, y = trained
     result = attack.run(model, x[:20], y[:20])
@@ -207,8 +208,8 @@ def test_square_agrees_with_art(trained):
 
     model, x, y = trained
     eps = 0.05
-    ours = 1 - attacks.Square(eps, queries=300).run(model, x, y).success[0].mean()
-    art = SquareAttack(_art_classifier(model), norm=np.inf, eps=eps, max_iter=300, p_init=0.05, nb_restarts=1,
+    ours = 1 - attacks.Square(eps, queries=300).run(model, x, y).success[0].mean()  # p_init 0.8 by default
+    art = SquareAttack(_art_classifier(model), norm=np.inf, eps=eps, max_iter=300, p_init=0.8, nb_restarts=1,
                        batch_size=100, verbose=False)
     theirs = _accuracy(model, art.generate(x, y=y), y)
     assert abs(ours - theirs) <= 0.02, (ours, theirs)

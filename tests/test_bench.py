@@ -123,7 +123,15 @@ def test_smoke_run_end_to_end_resumes_and_reports(tmp_path, capsys):
         result = results_lib.validate(json.loads(path.read_text()))
         assert result["deployed"]["arena_bytes"] > 0 and set(result["deployed"]["robust_accuracy"]) == {
             "transfer", "square", "hopskipjump"}
-        assert set(result["robust_accuracy"]) == {"fgsm", "pgd", "square", "hopskipjump"}
+        assert set(result["robust_accuracy"]) == {"fgsm", "pgd", "square", "hopskipjump", "autoattack-fast",
+                                                  "autoattack-fast/apgd-ce", "autoattack-fast/apgd-t",
+                                                  "autoattack-fast/square"}
+        assert all(result["worst_case"][e] <= result["robust_accuracy"]["autoattack-fast"][e]
+                   for e in result["worst_case"])
+        deployed = result["deployed"]
+        assert deployed["examples"] == 8 and 0 <= deployed["keras_accuracy"] <= 1 and deployed["input_scale"] > 0
+        assert all(deployed["worst_case"][e] <= deployed["clean_accuracy"] for e in deployed["worst_case"])
+        assert set(deployed["eps_in_input_steps"]) == set(deployed["worst_case"])
         assert result["command"].startswith("tinyrobust bench") and result["versions"]["keras"].startswith("3.")
     stq = json.loads((out / "results" / "stq__linf.json").read_text())
     flt = json.loads((out / "results" / "float__linf.json").read_text())

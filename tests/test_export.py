@@ -144,8 +144,8 @@ def test_tflite_model_is_an_attack_target(tmp_path, trained_stq):
     adversarial_accuracy = np.mean(runner(result.x_adv[0]).argmax(-1) == y)
     assert adversarial_accuracy <= np.mean(runner(x).argmax(-1) == y)
     before = runner.queries
-    decision = tr.attacks.HopSkipJump(2.0, queries=150).run(runner, x, y)  # label decisions of the interpreter
-    assert decision.queries[0].max() <= 150 and runner.queries - before >= decision.queries[0].sum()
+    decision = tr.attacks.HopSkipJump(2.0, queries=170).run(runner, x, y)  # label decisions of the interpreter
+    assert decision.queries[0].max() <= 170 and runner.queries - before >= decision.queries[0].sum()
     assert decision.success[0].mean() >= 1 - np.mean(runner(x).argmax(-1) == y)
 
 
@@ -171,3 +171,16 @@ def test_export_cli_writes_tflite_c_array_and_report(tmp_path, capsys):
     assert len(record["calibration_indices"]) == 50 and record["examples"] == 100
     assert "tflm" in capsys.readouterr().out
     assert cli.main(["export", str(tmp_path / "nope.keras"), "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("quantization", ["stq", "stb", "int4"])
+def test_fold_quantized_weights_gives_identical_outputs(quantization):
+    model = tr.models.resnet8(quantization=quantization)
+    _randomise_batch_norm(model)
+    clone = export.fold_quantized_weights(model)
+    assert not any(type(layer).__module__.startswith("tinyrobust.layers") and hasattr(layer, "kernel_quantizer")
+                   for layer in clone.layers)
+    x = np.random.default_rng(2).random((32, 32, 32, 3)).astype("float32")
+    np.testing.assert_array_equal(clone.predict(x, verbose=0), model.predict(x, verbose=0))
+    float_model = tr.models.small_cnn(quantization="float")
+    assert export.fold_quantized_weights(float_model) is float_model

@@ -2,7 +2,8 @@
 
 Every attack is a configured object called as `attack(model, x, y=None)`
 (adversarial inputs, one batch per eps) or `attack.run(model, x, y)` (an
-`AttackResult` with success per eps and queries used). `kernels` holds the
+`AttackResult` with success per eps and queries used). `suite("autoattack",
+eps)` is the standard evaluation, run as a cascade. `kernels` holds the
 traceable building blocks.
 """
 
@@ -17,10 +18,11 @@ from tinyrobust.attacks.evaluation import (
     check_model,
     robust_accuracy,
 )
-from tinyrobust.attacks.gradient import APGD, FGSM, MIM, PGD, CarliniWagnerL2, DeepFool
+from tinyrobust.attacks.gradient import APGD, FGSM, MIM, PGD, APGDTargeted, CarliniWagnerL2, DeepFool
+from tinyrobust.attacks.suites import SUITES, Cascade, suite
 
 __all__ = [
-    "APGD", "Attack", "AttackResult", "Boundary", "CarliniWagnerL2", "CheckReport", "DeepFool", "EOT", "FGSM",
+    "APGD", "APGDTargeted", "Attack", "AttackResult", "Boundary", "Cascade", "CarliniWagnerL2", "CheckReport", "DeepFool", "EOT", "FGSM",
     "HopSkipJump", "MIM", "PGD", "RobustnessReport", "SimBA", "Square", "Transfer", "check_model", "kernels",
-    "robust_accuracy",
+    "SUITES", "robust_accuracy", "suite",
 ]

@@ -1,5 +1,6 @@
 """What every attack shares: validated configuration, model adapters, results."""
 
+import copy
 import dataclasses
 
 import keras
@@ -72,12 +73,15 @@ class AttackResult:
             is wrong (untargeted) or the target (targeted).
         queries: per epsilon, model queries used per example (black-box
             attacks), or None.
+        stages: for a `Cascade`, `{stage: [bool array per epsilon]}`: still
+            robust (correct) after that stage and every earlier one; else None.
     """
 
     epsilons: tuple
     x_adv: list
     success: list
     queries: list = None
+    stages: dict = None
 
 
 class Attack:
@@ -123,6 +127,21 @@ class Attack:
         Returns:
             An `AttackResult`.
         """
+        x, y = self._inputs(model, x, y)
+        advs, successes, queries = [], [], []
+        for eps in self.epsilons:
+            if eps == 0:
+                x_adv, used = x.copy(), None
+            else:
+                x_adv, used = self._attack(model, x, y, eps)
+                x_adv = self._project(x, np.asarray(x_adv, "float32"), eps)
+            advs.append(x_adv)
+            successes.append(self.is_success(model, x_adv, y))
+            queries.append(used)
+        return AttackResult(self.epsilons, advs, successes, None if all(q is None for q in queries) else queries)
+
+    def _inputs(self, model, x, y):
+        """`(x, y)` checked: float32 inputs within the input range, one int32 label per input."""
         x = np.asarray(x, dtype="float32")
         low, high = self.input_range
         if x.size and (x.min() < low or x.max() > high):
@@ -135,17 +154,13 @@ class Attack:
         y = np.asarray(y).astype("int32")
         if len(y) != len(x):
             raise ValueError(f"Expected one label per input. Received: len(x)={len(x)}, len(y)={len(y)}")
-        advs, successes, queries = [], [], []
-        for eps in self.epsilons:
-            if eps == 0:
-                x_adv, used = x.copy(), None
-            else:
-                x_adv, used = self._attack(model, x, y, eps)
-                x_adv = self._project(x, np.asarray(x_adv, "float32"), eps)
-            advs.append(x_adv)
-            successes.append(self.is_success(model, x_adv, y))
-            queries.append(used)
-        return AttackResult(self.epsilons, advs, successes, None if all(q is None for q in queries) else queries)
+        return x, y
+
+    def at(self, eps):
+        """The same attack at the single radius `eps` (sharing its compiled functions)."""
+        single = copy.copy(self)
+        single.epsilons = check_epsilons(eps)
+        return single
 
     def is_success(self, model, x_adv, y):
         """Per-example success of `x_adv` against `model`."""

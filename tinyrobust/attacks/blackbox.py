@@ -69,16 +69,22 @@ class Square(Attack):
         eps: radius or list of radii.
         norm: "linf" or "l2".
         queries: query budget per example (including the first).
-        p_init: initial fraction of pixels in a square.
+        p_init: initial fraction of pixels in a square (0.8, AutoAttack's
+            value: large squares first).
         targeted: `y` are target labels.
         input_range: valid (low, high) of the inputs.
         seed: seed of the random squares.
+
+    An example is attacked until it is misclassified (a margin tie is not),
+    and an L-inf proposal that would leave its window unchanged gets new signs
+    before it is queried, as in the reference implementation.
     """
 
     norms = ("linf", "l2")
     black_box = True
+    _REDRAWS = 100  # new signs tried for a window whose proposal changes nothing
 
-    def __init__(self, eps=8 / 255, *, norm="linf", queries=1000, p_init=0.05, targeted=False,
+    def __init__(self, eps=8 / 255, *, norm="linf", queries=1000, p_init=0.8, targeted=False,
                  input_range=(0.0, 1.0), seed=0):
         super().__init__(eps, norm=norm, targeted=targeted, input_range=input_range, seed=seed)
         self.queries = check_number("queries", queries, low=1, integer=True)
@@ -93,7 +99,7 @@ class Square(Attack):
         used = np.ones(len(x), dtype=np.int64)
         height, width = x.shape[1:3]
         for iteration in range(1, self.queries):
-            active = np.flatnonzero(loss > 0)
+            active = np.flatnonzero(loss >= 0)  # a tie is not a success: argmax may still be the true class
             if active.size == 0:
                 break
             side = int(round(np.sqrt(_square_fraction(self.p_init, iteration, self.queries) * height * width)))
@@ -128,7 +134,16 @@ class Square(Attack):
         if self.norm == "linf":
             side = min(max(side, 1), height - 1, width - 1)
             top, left = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
-            delta[:, top:top + side, left:left + side, :] = eps * rng.choice([-1.0, 1.0], size=(n, 1, 1, channels))
+            window = (slice(None), slice(top, top + side), slice(left, left + side))
+            current = x_best[window]
+            pending = np.arange(n)
+            for _ in range(self._REDRAWS):  # new signs where the window would not change (a wasted query)
+                delta[(pending, *window[1:])] = eps * rng.choice([-1.0, 1.0], size=(len(pending), 1, 1, channels))
+                proposal = np.clip(x[window] + delta[window], low, high).astype("float32")
+                unchanged = np.all(np.abs(proposal - current).reshape(n, -1) < 1e-7, axis=1)
+                pending = np.flatnonzero(unchanged)
+                if pending.size == 0:
+                    break
             return np.clip(x + delta, low, high).astype("float32")
         side = min(max(side, 3) | 1, height - 1, width - 1)  # odd, at least 3
         (top, left), (top2, left2) = [(rng.integers(0, height - side + 1), rng.integers(0, width - side + 1))

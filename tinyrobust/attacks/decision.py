@@ -72,6 +72,9 @@ def _starting_points(oracle, x, rng, input_range, tries, norm, search_steps, bud
     return start, found
 
 
+_MAX_SEARCH_STEPS = 25  # binary-search queries to locate the decision boundary
+
+
 class _DecisionAttack(MinimumNormAttack):
     """Shared configuration of decision-based attacks."""
 
@@ -92,8 +95,8 @@ class _DecisionAttack(MinimumNormAttack):
         start[wrong], found[wrong] = x[wrong], True
         return rng, oracle, start, found, wrong
 
-    def _search_steps(self, x):
-        return int(np.ceil(np.log2(np.sqrt(x[0].size) * 1e3)))  # boundary located to ~1e-3 / sqrt(d)
+    def _search_steps(self, x):  # boundary located to ~1e-3 / sqrt(d)
+        return min(int(np.ceil(np.log2(np.sqrt(x[0].size) * 1e3))), _MAX_SEARCH_STEPS)
 
     def get_config(self):
         config = super().get_config()
@@ -129,13 +132,24 @@ class HopSkipJump(_DecisionAttack):
         self.init_evals = check_number("init_evals", init_evals, low=1, integer=True)
         self.max_evals = check_number("max_evals", max_evals, low=self.init_evals, integer=True)
         self.gamma = check_number("gamma", gamma, low=0, low_open=True)
+        if self.queries < self.min_queries:
+            raise ValueError(
+                f"HopSkipJump needs at least {self.min_queries} queries per example to run one iteration (a start "
+                f"point: 2 + up to {_MAX_SEARCH_STEPS} binary-search queries; an iteration: init_evals="
+                f"{self.init_evals} probes, up to 10 step-size and {_MAX_SEARCH_STEPS} binary-search queries); a "
+                f"smaller budget measures nothing. Raise `queries` or lower `init_evals`. Received: queries={queries}")
+
+    @property
+    def min_queries(self):
+        """Queries per example that always allow one iteration: the start point plus one iteration at most."""
+        return 2 + _MAX_SEARCH_STEPS + self.init_evals + 10 + _MAX_SEARCH_STEPS
 
     def minimum_norm(self, model, x, y, goal):
         rng, oracle, x_adv, found, wrong = self._start(model, x, y)
         size = x[0].size
         theta = self.gamma / (size ** 1.5 if self.norm == "l2" else size ** 2)
         search_steps = max(self._search_steps(x), int(np.ceil(np.log2(1.0 / theta))))
-        search_steps = min(search_steps, 25)
+        search_steps = min(search_steps, _MAX_SEARCH_STEPS)
         distance = per_example_norm(x_adv - x, self.norm)
         span = self.input_range[1] - self.input_range[0]
         for t in range(1, self.queries + 1):

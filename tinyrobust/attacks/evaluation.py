@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tinyrobust.attacks import blackbox, gradient, kernels
+from tinyrobust.attacks import blackbox, gradient, kernels, suites
 from tinyrobust.attacks.base import Attack, labels_of, logits_function, predict
 from tinyrobust.validation import check_number
 
@@ -65,10 +65,15 @@ class RobustnessReport:
 
     Attributes:
         clean: bool array, correct on clean inputs.
-        attacks: `{name: {eps: bool array}}`, correct under that attack.
-        worst: `{eps: bool array}`: correct under clean and every attack run at eps.
+        attacks: `{name: {eps: bool array}}`, correct on clean input and under
+            that attack; a cascade (`tinyrobust.attacks.suite`) also adds
+            `"<name>/<stage>"` columns: still robust after that stage and the
+            ones before it.
+        worst: `{eps: bool array}`: correct under clean and every attack run at
+            eps or at any smaller eps (an adversarial within a smaller ball is
+            within the larger one too), so it never rises with eps.
         queries: `{name: {eps: mean queries per example}}` for query-based attacks.
-        kinds: `{name: "single-step" | "iterative" | "black-box" | "transfer"}`.
+        kinds: `{name: "single-step" | "iterative" | "black-box" | "transfer" | "suite"}`.
     """
 
     clean: np.ndarray
@@ -76,6 +81,7 @@ class RobustnessReport:
     worst: dict
     queries: dict
     kinds: dict
+    apgd_columns: tuple = ()
 
     def accuracy(self):
         """Accuracies as plain floats: clean, per attack and eps, worst case."""
@@ -89,6 +95,8 @@ class RobustnessReport:
 def attack_kind(attack):
     """How an attack counts in the sanity checks."""
     inner = attack.attack if isinstance(attack, EOT) else attack
+    if isinstance(inner, suites.Cascade):
+        return "suite"
     if isinstance(inner, blackbox.Transfer):
         return "transfer"
     if inner.black_box:
@@ -115,7 +123,9 @@ def robust_accuracy(model, data, attacks, batch_size=256, verbose=True):
     """Evaluates a model against one or several attacks.
 
     An example counts as robust at eps only if it is correct on clean input
-    and survives every attack run at that eps.
+    and survives every attack run at that eps and at every smaller eps. A
+    `Cascade` (e.g. `tinyrobust.attacks.suite("autoattack", ...)`) runs each
+    stage only on the examples still robust and adds one column per stage.
 
     Args:
         model: Keras model or callable returning logits.
@@ -148,9 +158,12 @@ def robust_accuracy(model, data, attacks, batch_size=256, verbose=True):
         for name, attack in attacks.items():
             result = attack.run(model, x, y)
             for i, eps in enumerate(result.epsilons):
-                correct[name].setdefault(eps, []).append(~result.success[i])
+                correct[name].setdefault(eps, []).append(~result.success[i] & clean[-1])
                 if result.queries is not None and result.queries[i] is not None:
                     queries[name].setdefault(eps, []).append(result.queries[i])
+            for stage, robust in (result.stages or {}).items():
+                for i, eps in enumerate(result.epsilons):
+                    correct.setdefault(f"{name}/{stage}", {}).setdefault(eps, []).append(robust[i] & clean[-1])
             step += 1
             if progress is not None:
                 progress.update(step, finalize=step == progress.target)
@@ -162,9 +175,18 @@ def robust_accuracy(model, data, attacks, batch_size=256, verbose=True):
     for per in per_attack.values():
         for eps, values in per.items():
             worst[eps] = (worst[eps] if eps in worst else clean) & values
+    robust = clean
+    for eps in sorted(worst):  # broken within a smaller ball means broken within a larger one
+        robust = worst[eps] = worst[eps] & robust
     mean_queries = {n: {e: float(np.concatenate(v).mean()) for e, v in per.items()} for n, per in queries.items() if per}
     kinds = {n: attack_kind(a) for n, a in attacks.items()}
-    return RobustnessReport(clean, per_attack, dict(sorted(worst.items())), mean_queries, kinds)
+    for name, attack in attacks.items():
+        inner = attack.attack if isinstance(attack, EOT) else attack
+        for stage, stage_attack in getattr(inner, "stages", {}).items():
+            kinds[f"{name}/{stage}"] = attack_kind(stage_attack)
+    apgd = tuple(n for n, a in attacks.items()
+                 if isinstance(a.attack if isinstance(a, EOT) else a, (gradient.APGD, gradient.APGDTargeted)))
+    return RobustnessReport(clean, per_attack, dict(sorted(worst.items())), mean_queries, kinds, apgd)
 
 
 @dataclasses.dataclass
@@ -178,10 +200,12 @@ class CheckReport:
         return not self.flags
 
 
-def check_model(model, x, y, report=None, num_classes=None, chance_margin=0.1, warn=True):
+def check_model(model, x, y, report=None, num_classes=None, chance_margin=0.1, warn=True, gradients=True,
+                masking_margin=0.05):
     """Flags signs of false robustness.
 
-    On the model: softmax outputs instead of logits ("softmax_output"), outputs
+    On the model: softmax outputs instead of logits ("softmax_output", also
+    when they are dequantized from an int8 grid, as a deployed model's are), outputs
     that change between identical calls ("randomized"), input gradients that
     are zero for most examples ("zero_gradients") or not finite
     ("nonfinite_gradients"), clean accuracy on `(x, y)` within `chance_margin`
@@ -189,8 +213,11 @@ def check_model(model, x, y, report=None, num_classes=None, chance_margin=0.1, w
     nothing; e.g. too few training steps for the BatchNormalization
     statistics). With a `RobustnessReport` from an evaluation:
     black-box or transfer attacks beating white-box ones ("black_box_beats_white_box"),
-    single-step beating iterative ("single_step_beats_iterative"), and
-    accuracy at the largest eps still above chance ("not_reaching_chance").
+    single-step beating iterative ("single_step_beats_iterative"), APGD
+    (configured, or the stages of a suite) leaving clearly lower accuracy than
+    the other gradient attacks ("partial_gradient_masking": their gradients
+    are masked in part, e.g. by scaled logits), and accuracy at the largest
+    eps still above chance ("not_reaching_chance").
 
     Args:
         model: Keras model or callable returning logits.
@@ -200,6 +227,10 @@ def check_model(model, x, y, report=None, num_classes=None, chance_margin=0.1, w
         num_classes: for the chance level; read from the outputs by default.
         chance_margin: how far above chance accuracy may stay at the largest eps.
         warn: also issue each flag as a `UserWarning`.
+        gradients: check input gradients; False for models that give none
+            (e.g. a `tinyrobust.export.TFLiteModel`).
+        masking_margin: how much lower APGD's accuracy may be than the other
+            gradient attacks' before "partial_gradient_masking" is raised.
 
     Returns:
         A `CheckReport`.
@@ -210,7 +241,10 @@ def check_model(model, x, y, report=None, num_classes=None, chance_margin=0.1, w
     first, second = predict(model, x), predict(model, x)
     if first.ndim == 2:
         num_classes = num_classes or first.shape[1]
-        if np.all(first >= 0) and np.all(first <= 1) and np.allclose(first.sum(axis=1), 1.0, atol=1e-3):
+        levels = np.unique(first)
+        step = float(np.min(np.diff(levels))) if len(levels) > 1 else 0.0  # an int8 grid's step, else tiny
+        tolerance = 1e-3 + (num_classes * step / 2 if step >= 1e-4 else 0.0)
+        if np.all(first >= 0) and np.all(first <= 1) and np.allclose(first.sum(axis=1), 1.0, atol=tolerance):
             flags["softmax_output"] = "Outputs are probabilities (rows sum to 1): attacks need logits."
     if not np.array_equal(first, second):
         flags["randomized"] = "Outputs differ between identical calls: evaluate with EOT."
@@ -220,15 +254,10 @@ def check_model(model, x, y, report=None, num_classes=None, chance_margin=0.1, w
             flags["clean_near_chance"] = (
                 f"Clean accuracy is {clean:.1%}, near chance ({1 / num_classes:.1%}): the model has not learned (or "
                 "runs in the wrong mode), so its robust accuracies mean nothing.")
-    fn = logits_function(model)
-    inputs = tf.constant(x)
-    with tf.GradientTape() as tape:
-        tape.watch(inputs)
-        loss = tf.reduce_sum(kernels.cross_entropy(fn(inputs), tf.constant(y)))
-    grads = tape.gradient(loss, inputs)
+    grads = _input_gradients(model, x, y) if gradients else False
     if grads is None:
         flags["zero_gradients"] = "The loss has no gradient with respect to the input."
-    else:
+    elif grads is not False:
         grads = grads.numpy().reshape(len(x), -1)
         if not np.all(np.isfinite(grads)):
             flags["nonfinite_gradients"] = "Input gradients contain NaN or inf."
@@ -236,14 +265,29 @@ def check_model(model, x, y, report=None, num_classes=None, chance_margin=0.1, w
         if zero > 0.5:
             flags["zero_gradients"] = f"Input gradients are zero for {zero:.0%} of the examples (gradient masking?)."
     if report is not None:
-        flags.update(_check_report(report, num_classes, chance_margin))
+        flags.update(_check_report(report, num_classes, chance_margin, masking_margin))
     if warn:
         for message in flags.values():
             warnings.warn(message, stacklevel=2)
     return CheckReport(flags)
 
 
-def _check_report(report, num_classes, chance_margin):
+def _input_gradients(model, x, y):
+    """Input gradients of the cross-entropy as a tensor, or None where the loss does not depend on the input."""
+    fn = logits_function(model)
+    inputs = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        loss = tf.reduce_sum(kernels.cross_entropy(fn(inputs), tf.constant(y)))
+    return tape.gradient(loss, inputs)
+
+
+def _is_apgd(report, name):
+    """Whether a column is an APGD attack or a white-box stage of a suite."""
+    return "/" in name or name in report.apgd_columns
+
+
+def _check_report(report, num_classes, chance_margin, masking_margin):
     flags = {}
     accuracy = {n: {e: float(v.mean()) for e, v in per.items()} for n, per in report.attacks.items()}
     by_kind = {}
@@ -265,6 +309,13 @@ def _check_report(report, num_classes, chance_margin):
         if iterative is not None and single is not None and single < iterative - 0.01:
             flags["single_step_beats_iterative"] = (
                 f"At eps={eps:g} a single-step attack ({single:.1%}) beats iterative ones ({iterative:.1%}).")
+        gradient_based = [n for kind in ("iterative", "single-step") for n in by_kind.get(kind, []) if eps in accuracy[n]]
+        strong = [accuracy[n][eps] for n in gradient_based if _is_apgd(report, n)]
+        plain = [accuracy[n][eps] for n in gradient_based if not _is_apgd(report, n)]
+        if strong and plain and min(strong) < min(plain) - masking_margin:
+            flags["partial_gradient_masking"] = (
+                f"At eps={eps:g} APGD leaves {min(strong):.1%} accuracy, clearly below the other gradient attacks' "
+                f"{min(plain):.1%}: their gradients are partly masked (e.g. scaled logits); trust APGD's numbers.")
     if num_classes and report.worst:
         largest = max(report.worst)
         remaining = float(report.worst[largest].mean())

@@ -22,7 +22,7 @@ from tinyrobust.attacks.base import (
 )
 from tinyrobust.validation import check_number
 
-__all__ = ["PGD", "FGSM", "MIM", "APGD", "CarliniWagnerL2", "DeepFool"]
+__all__ = ["PGD", "FGSM", "MIM", "APGD", "APGDTargeted", "CarliniWagnerL2", "DeepFool"]
 
 
 def _start(rng, x, eps, norm):
@@ -151,7 +151,8 @@ class APGD(Attack):
     Step size starts at `2 * eps` and halves at checkpoints where fewer than
     `rho` of the steps since the previous checkpoint increased the loss, or
     where neither the step size nor the best loss changed; each halving
-    restarts from the best point. Momentum 0.75.
+    restarts from the best point. Momentum 0.75. Returns the first iterate
+    that is misclassified (reaches the target), else the highest-loss one.
 
     Args:
         eps: radius or list of radii.
@@ -179,18 +180,22 @@ class APGD(Attack):
         fn = logits_function(model)
         norm, (low, high), rho = self.norm, self.input_range, self.rho
 
-        def objective(z, y, target):
-            logits = fn(z)
+        def objective(logits, y, target):
             if self.loss == "ce":
                 ce = kernels.cross_entropy(logits, target if self.targeted else y)
                 return -ce if self.targeted else ce
             return kernels.dlr_loss(logits, y, target if self.targeted else None)
 
         def value_and_gradient(z, y, target):
+            """Loss, its input gradient (zero where the input is unconnected) and whether `z` is adversarial."""
             with tf.GradientTape() as tape:
                 tape.watch(z)
-                value = objective(z, y, target)
-            return value, tape.gradient(value, z)
+                logits = fn(z)
+                value = objective(logits, y, target)
+            predicted = tf.argmax(logits, axis=-1, output_type=tf.int64)
+            success = (tf.equal(predicted, tf.cast(target, tf.int64)) if self.targeted
+                       else tf.not_equal(predicted, tf.cast(y, tf.int64)))
+            return value, tape.gradient(value, z, unconnected_gradients=tf.UnconnectedGradients.ZERO), success
 
         def project(x, z, eps):
             return ops.clip(x + kernels.project(z - x, eps, norm), low, high)
@@ -199,7 +204,8 @@ class APGD(Attack):
         def run(x, y, target, eps, checkpoints, start):
             shape = (-1,) + (1,) * (len(x.shape) - 1)
             x_cur = project(x, x + start, eps)
-            loss_cur, grad_cur = value_and_gradient(x_cur, y, target)
+            loss_cur, grad_cur, found = value_and_gradient(x_cur, y, target)
+            x_found = x_cur  # the first adversarial iterate, kept once found
             x_best, loss_best, grad_best = x_cur, loss_cur, grad_cur
             x_prev = x_cur
             eta = 2.0 * eps * tf.ones_like(loss_cur)
@@ -208,10 +214,16 @@ class APGD(Attack):
             reduced_at_checkpoint = tf.zeros_like(loss_cur, dtype=tf.bool)
             last_checkpoint = tf.constant(0)
             for k in tf.range(tf.shape(checkpoints)[0]):
+                tf.autograph.experimental.set_loop_options(shape_invariants=[  # batches of any size
+                    (v, tf.TensorShape([None]).concatenate(v.shape[1:])) for v in (
+                        x_cur, x_prev, x_best, x_found, grad_cur, grad_best, loss_cur, loss_best, found, eta,
+                        improved_count, best_at_checkpoint, reduced_at_checkpoint)])
                 z = project(x, x_cur + tf.reshape(eta, shape) * kernels.normalized_step(grad_cur, norm), eps)
                 alpha = tf.where(k > 0, 0.75, 1.0)
                 x_next = project(x, x_cur + alpha * (z - x_cur) + (1.0 - alpha) * (x_cur - x_prev), eps)
-                loss_next, grad_next = value_and_gradient(x_next, y, target)
+                loss_next, grad_next, success = value_and_gradient(x_next, y, target)
+                x_found = tf.where(tf.reshape(tf.logical_and(success, tf.logical_not(found)), shape), x_next, x_found)
+                found = tf.logical_or(found, success)
                 improved_count += tf.cast(loss_next > loss_cur, loss_cur.dtype)
                 better = loss_next > loss_best
                 x_best = tf.where(tf.reshape(better, shape), x_next, x_best)
@@ -233,7 +245,7 @@ class APGD(Attack):
                     best_at_checkpoint = loss_best
                     reduced_at_checkpoint = reduce
                     last_checkpoint = k
-            return x_best
+            return tf.where(tf.reshape(found, shape), x_found, x_best)
 
         return run
 
@@ -254,6 +266,45 @@ class APGD(Attack):
     def get_config(self):
         return {**super().get_config(), "loss": self.loss, "steps": self.steps, "restarts": self.restarts,
                 "rho": self.rho}
+
+
+class APGDTargeted(Attack):
+    """AutoAttack's APGD-T: targeted APGD on the DLR loss towards each of the
+    `target_classes` highest-scoring wrong classes in turn; an example is
+    broken once any target run misclassifies it.
+
+    Args:
+        eps: radius or list of radii.
+        norm: "linf" or "l2".
+        target_classes: how many of the top wrong classes are targeted.
+        steps: APGD iterations per target.
+        restarts: random restarts per target.
+        input_range: valid (low, high) of the inputs.
+        seed: seed of the random starts.
+    """
+
+    def __init__(self, eps=8 / 255, *, norm="linf", target_classes=9, steps=100, restarts=1, input_range=(0.0, 1.0),
+                 seed=0):
+        super().__init__(eps, norm=norm, input_range=input_range, seed=seed)
+        self.target_classes = check_number("target_classes", target_classes, low=1, integer=True)
+        self._apgd = APGD(eps, norm=norm, loss="dlr", steps=steps, restarts=restarts, targeted=True,
+                          input_range=input_range, seed=seed)
+
+    def _attack(self, model, x, y, eps):
+        scores = predict(model, x).copy()
+        scores[np.arange(len(x)), y] = -np.inf  # never target the true class
+        ranked = np.argsort(-scores, axis=1)[:, :min(self.target_classes, scores.shape[1] - 1)]
+
+        def per_target():
+            for rank in range(ranked.shape[1]):
+                x_adv, _ = self._apgd._attack(model, x, ranked[:, rank].astype("int32"), eps)
+                yield self._project(x, np.asarray(x_adv, "float32"), eps)
+
+        return self.first_success(model, y, per_target()), None
+
+    def get_config(self):
+        return {**super().get_config(), "target_classes": self.target_classes, "steps": self._apgd.steps,
+                "restarts": self._apgd.restarts}
 
 
 class CarliniWagnerL2(MinimumNormAttack):
@@ -312,7 +363,7 @@ class CarliniWagnerL2(MinimumNormAttack):
                     attack_loss = tf.maximum(gap, -self.confidence)
                     distance = tf.reduce_sum(tf.reshape(tf.square(x_new - x), (tf.shape(x)[0], -1)), axis=-1)
                     loss = tf.reduce_sum(distance + const * attack_loss)
-                gradient = tape.gradient(loss, w)
+                gradient = tape.gradient(loss, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
                 m = beta1 * m + (1 - beta1) * gradient
                 v = beta2 * v + (1 - beta2) * tf.square(gradient)
                 tf_t = tf.cast(t, tf.float32)

@@ -34,7 +34,8 @@ _NEOKD = {"alpha", "beta", "attack", "exit_weights"}
 _MULTI_EXIT = {"steps", "targets"}
 _MULTI_EXIT_TARGETS = ("average", "max_average")
 _ADVERSARY = {"method", "epsilon", "steps", "step_size", "beta"}
-_THREAT = {"epsilons", "examples", "attacks", "multi_exit"}
+_THREAT = {"epsilons", "examples", "attacks", "suite", "multi_exit"}
+_SUITE = {"name", "steps", "target_classes", "queries"}
 _EXPORT = {"enabled", "compress", "calibration_size", "parity_examples", "deployed_examples", "deployed_attacks",
            "deployed_queries"}
 _DEPLOYED_ATTACKS = ("transfer", "square", "hopskipjump")
@@ -276,7 +277,35 @@ def _check_threat_models(config, input_range):
             parameters = set(inspect.signature(ATTACKS[kind].__init__).parameters) - {"self", "eps", "input_range"}
             _unknown(f"{where}attacks.{name}.", spec, parameters | {"type"})
             build_attack(spec, norm, epsilons, input_range, config["seed"])  # validates the values
+        _check_suite(where, threat, norm, input_range, config)
         _check_multi_exit(where, threat)
+
+
+def _check_suite(where, threat, norm, input_range, config):
+    """`suite = "autoattack" | "autoattack-fast" | "none" | { name, steps, target_classes, queries }`, stored as a table."""
+    value = threat.get("suite", "autoattack")
+    settings = {"name": value} if isinstance(value, str) else value
+    if not isinstance(settings, dict):
+        raise ExperimentError(f"Expected `{where}suite` to be a suite name or a table. Received: suite={value!r}")
+    _unknown(f"{where}suite.", settings, _SUITE)
+    if settings.get("name") not in (*attacks.SUITES, "none"):
+        raise ExperimentError(f"Unknown suite (allowed: {', '.join(attacks.SUITES)}, none). "
+                              f"Received: {where}suite.name={settings.get('name')!r}")
+    threat["suite"] = settings
+    try:
+        build_suite(settings, norm, threat["epsilons"], input_range, data.info(config["dataset"]).num_classes,
+                    config["seed"])
+    except ValueError as error:
+        raise ExperimentError(f"In {where}suite: {error}") from None
+
+
+def build_suite(settings, norm, epsilons, input_range, num_classes, seed):
+    """The `Cascade` of a threat model's `suite` table, or None for "none"."""
+    if settings["name"] == "none":
+        return None
+    options = {k: v for k, v in settings.items() if k != "name"}
+    return attacks.suite(settings["name"], list(epsilons), norm=norm, input_range=tuple(input_range),
+                         num_classes=num_classes, seed=seed, **options)
 
 
 def _check_multi_exit(where, threat):
@@ -387,6 +416,11 @@ def load(path, profile=None):
         if attack not in _DEPLOYED_ATTACKS:
             raise ExperimentError(f"Unknown deployed attack (allowed: {', '.join(_DEPLOYED_ATTACKS)}). "
                                   f"Received: export.deployed_attacks={attack!r}")
+    if "hopskipjump" in config["export"]["deployed_attacks"]:
+        try:
+            attacks.HopSkipJump(queries=config["export"]["deployed_queries"])
+        except ValueError as error:
+            raise ExperimentError(f"In export.deployed_queries for the deployed HopSkipJump: {error}") from None
     _check_models(config)
     _check_threat_models(config, data.info(config["dataset"]).input_range)
     return config

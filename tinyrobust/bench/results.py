@@ -11,7 +11,10 @@ Schema (version 1) of `results/<model>__<norm>.json`:
   (from `tinyrobust.summary`), `bits` ({layer: {weight: bits}}),
 - `threat_model`: `norm`, `epsilons`, `examples`,
 - `clean_accuracy` (float), `robust_accuracy` ({attack: {eps: accuracy}}),
-  `worst_case` ({eps: accuracy over all attacks}), `queries` ({attack: {eps: mean}}),
+  `worst_case` ({eps: accuracy over all attacks, never rising with eps}),
+  `queries` ({attack: {eps: mean}}); with a suite (`threat_models.<norm>.suite`)
+  `robust_accuracy` holds the suite's column (e.g. "autoattack") and one
+  column per stage ("autoattack/apgd-ce", ...: still robust after that stage),
   `attack_kinds` ({attack: kind}), `checks` ({flag: message}; empty when clean),
 - `quality_target`: null, or `{"metric": "clean_accuracy", "target": t, "met": bool}`
   (MLPerf Tiny's target for the model and data set),
@@ -19,10 +22,19 @@ Schema (version 1) of `results/<model>__<norm>.json`:
   `arena_bytes` (its TFLite Micro arena), `compress` (the `[export] compress`
   setting), `compressed` (whether the shipped file holds LUT-compressed
   weights), `int8_model_bytes` and `int8_arena_bytes` (the plain int8 file),
-  `examples`, `agreement`, `clean_accuracy`,
-  `robust_accuracy` ({"transfer"|"square"|"hopskipjump": {eps: accuracy}}),
-  `max_logit_difference`; results written before compression lack the
-  `compress*` and `int8_*` keys (their shipped file was the int8 one),
+  `examples` (the first N test examples: every deployed number below is on
+  them), `keras_accuracy` and `clean_accuracy` (Keras and TFLite Micro, clean),
+  `robust_accuracy` ({"transfer"|"square"|"hopskipjump": {eps: accuracy}},
+  each ANDed with clean correctness), `worst_case` ({eps: accuracy}: per
+  example over clean and every deployed attack, never rising with eps),
+  `input_scale` (the int8 input step), `eps_in_input_steps` ({eps: eps /
+  input_scale}), `checks` ({flag: message} on the deployed model, e.g.
+  `eps_below_input_step`), `parity_examples`, `agreement`,
+  `max_logit_difference`, `parity_keras_accuracy` and `parity_clean_accuracy`
+  (on the parity set); results written before compression lack the
+  `compress*` and `int8_*` keys (their shipped file was the int8 one), and
+  results written before the shared example set lack `worst_case` and have
+  `keras_accuracy` / `clean_accuracy` from the parity set,
 - `wall_time_s`: {"train", "evaluate", "export"},
 - `multi_exit` (optional; null or absent for single-exit models): for a
   multi-exit model, whose other fields describe its final exit (attacks,
@@ -143,9 +155,23 @@ def _stat(group, get):
     return f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
+def _attack_columns(rows):
+    """Attack names of `rows` in a fixed order (the same for fresh and reloaded results): single attacks by
+    name, then each suite followed by its stages."""
+    names = {a for r in rows for a in r["robust_accuracy"]}
+    kinds = {a: k for r in rows for a, k in r.get("attack_kinds", {}).items()}
+    return sorted(names, key=lambda a: (kinds.get(a) == "suite" or "/" in a, a))
+
+
 def _deployed(result):
     """The result's deployed-model record, or {} when there is none."""
     return result.get("deployed") or {}
+
+
+def _deployed_keras_accuracy(record):
+    """The Keras model's clean accuracy on the deployed columns' examples (None in records from before they
+    shared one example set, whose `keras_accuracy` came from the parity set)."""
+    return record.get("keras_accuracy") if "worst_case" in record else None
 
 
 def _label(result, seeds):
@@ -169,11 +195,12 @@ def table(results):
         rows = [r for r in results if r["threat_model"]["norm"] == norm]
         groups = _groups(rows)
         epsilons = [str(e) for e in rows[0]["threat_model"]["epsilons"]]
-        attacks = list(dict.fromkeys(a for r in rows for a in r["robust_accuracy"]))
-        deployed = list(dict.fromkeys(a for r in rows for a in (_deployed(r).get("robust_accuracy") or {})))
+        attacks = _attack_columns(rows)
+        deployed = sorted({a for r in rows for a in (_deployed(r).get("robust_accuracy") or {})})
         seeds = sorted({r["seed"] for r in rows})
         header = ["model", "quant.", "clean"] + [f"{a} {e}" for a in attacks for e in epsilons]
-        header += [f"worst {e}" for e in epsilons] + ["TFLM clean"] + [f"TFLM {a} {e}" for a in deployed for e in epsilons]
+        header += [f"worst {e}" for e in epsilons] + ["Keras clean (TFLM set)", "TFLM clean"]
+        header += [f"TFLM {a} {e}" for a in deployed for e in epsilons] + [f"TFLM worst {e}" for e in epsilons]
         header += ["flash KB", "arena KB", "int8 flash KB", "ideal packed KB"]
         seed_note = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean ± std over seeds {', '.join(map(str, seeds))}"
         lines = [f"### {rows[0]['experiment']} ({rows[0]['dataset']}, {norm}, {rows[0]['threat_model']['examples']} "
@@ -186,15 +213,24 @@ def table(results):
             cells += [_stat(group, lambda r, a=a, e=e: r["robust_accuracy"].get(a, {}).get(e))
                       for a in attacks for e in epsilons]
             cells += [_stat(group, lambda r, e=e: r["worst_case"].get(e)) for e in epsilons]
-            cells += [_stat(group, lambda r: _deployed(r).get("clean_accuracy"))]
+            cells += [_stat(group, lambda r: _deployed_keras_accuracy(_deployed(r))),
+                      _stat(group, lambda r: _deployed(r).get("clean_accuracy"))]
             cells += [_stat(group, lambda r, a=a, e=e: (_deployed(r).get("robust_accuracy") or {}).get(a, {}).get(e))
                       for a in deployed for e in epsilons]
+            cells += [_stat(group, lambda r, e=e: (_deployed(r).get("worst_case") or {}).get(e)) for e in epsilons]
             cells += ["-" if not d else f"{d['model_bytes'] / 1024:.1f}",
                       "-" if not d else f"{d['arena_bytes'] / 1024:.1f}",
                       "-" if not d else f"{d.get('int8_model_bytes', d['model_bytes']) / 1024:.1f}",
                       f"{first['model']['packed_bytes'] / 1024:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
         flagged = [f"- {_label(r, seeds)}: {flag}: {message}" for r in rows for flag, message in r["checks"].items()]
+        flagged += [f"- {_label(r, seeds)} (deployed): {flag}: {message}" for r in rows
+                    for flag, message in (_deployed(r).get("checks") or {}).items()]
+        examples = sorted({_deployed(r)["examples"] for r in rows if "worst_case" in _deployed(r)})
+        if examples:
+            lines += ["", f"Keras clean (TFLM set), TFLM clean and the TFLM columns: the first "
+                          f"{', '.join(map(str, examples))} test examples, the same for every deployed column; TFLM "
+                          f"worst: per example over clean and every deployed attack."]
         if flagged:
             lines += ["", "Honest-evaluation flags:", *flagged]
         sections.append("\n".join(lines))
@@ -253,7 +289,7 @@ def plots(results, folder):
         rows = [r for r in results if r["threat_model"]["norm"] == norm]
         groups = _groups(rows)
         epsilons = [str(e) for e in rows[0]["threat_model"]["epsilons"]]
-        attacks = list(dict.fromkeys(a for r in rows for a in r["robust_accuracy"])) + ["worst"]
+        attacks = _attack_columns(rows) + ["worst"]
         for attack in attacks:
             figure, axis = plt.subplots(figsize=(5, 3.5))
             for group in groups:
@@ -267,7 +303,7 @@ def plots(results, folder):
                      ylim=(0, 1))
             axis.legend(fontsize="small")
             figure.tight_layout()
-            path = folder / f"accuracy_vs_eps_{norm}_{attack}.png"
+            path = folder / f"accuracy_vs_eps_{norm}_{attack.replace('/', '-')}.png"
             figure.savefig(path, dpi=100)
             plt.close(figure)
             written.append(path)

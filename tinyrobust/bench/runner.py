@@ -10,8 +10,9 @@ import keras
 import numpy as np
 
 from tinyrobust import attacks, data, distill, export, models, multiexit
+from tinyrobust.attacks.base import labels_of, predict
 from tinyrobust.bench import results as results_lib
-from tinyrobust.bench.config import build_attack
+from tinyrobust.bench.config import build_attack, build_suite
 from tinyrobust.footprint import summary
 from tinyrobust.jacobian import JacobianRegularizer
 from tinyrobust.training import AdversarialTraining, RobustModel
@@ -128,14 +129,14 @@ def train(config, spec, out, verbose=True):
     return model, seconds
 
 
-def _deployed(config, spec, model, out, x, y, threat, say):
+def _deployed(config, spec, model, attacked, out, x, y, threat, say):
     """Exports the model (compressed when `[export] compress`) and evaluates the shipped TFLite Micro artifact
-    (clean, transfer, Square, HopSkipJump)."""
+    (clean, transfer, Square, HopSkipJump); `attacked` is the model's attack view (`fold_quantized_weights`)."""
     settings = config["export"]
     record_path = out / "export" / f"{spec['name']}__{threat['norm']}.deployed.json"
     if record_path.is_file():
         record = json.loads(record_path.read_text())
-        if record.get("compress") == settings["compress"]:
+        if record.get("compress") == settings["compress"] and "worst_case" in record:
             return record
     name = spec["name"].replace("-", "_")
     parity_path = out / "export" / f"{name}.parity.json"
@@ -151,36 +152,68 @@ def _deployed(config, spec, model, out, x, y, threat, say):
     n = min(settings["deployed_examples"], len(x))
     x_d, y_d = x[:n], y[:n]
 
-    def accuracy_per_eps(result):
-        return {str(e): float(np.mean(deployed(xa).argmax(-1) == y_d)) for e, xa in zip(result.epsilons, result.x_adv)}
-
-    robust = {}
     epsilons = threat["epsilons"]
     input_range = data.info(config["dataset"]).input_range
+    clean = deployed(x_d).argmax(-1) == y_d
+    correct = {}  # attack -> per eps: correct on clean input and under the attack, per example
+
+    def record_attack(key, result):
+        correct[key] = [clean & (deployed(xa).argmax(-1) == y_d) for xa in result.x_adv]
+
     if "transfer" in settings["deployed_attacks"]:
-        surrogate = attacks.PGD(epsilons, norm=threat["norm"], steps=20, input_range=input_range, seed=config["seed"])
-        say(f"  {spec['name']}: transfer PGD-20 from the Keras model to TFLite Micro ({n} examples)")
-        robust["transfer"] = accuracy_per_eps(surrogate.run(model, x_d, y_d))
+        source, label = _transfer_source(threat, input_range, data.info(config["dataset"]).num_classes, config["seed"])
+        say(f"  {spec['name']}: transfer {label} from the Keras model to TFLite Micro ({n} examples)")
+        record_attack("transfer", source.run(attacked, x_d, y_d))
     queries = settings["deployed_queries"]
     black_box = {"square": attacks.Square, "hopskipjump": attacks.HopSkipJump}
     for key in [key for key in settings["deployed_attacks"] if key in black_box]:
         attack = black_box[key](epsilons, norm=threat["norm"], queries=queries, input_range=input_range,
                                 seed=config["seed"])
         say(f"  {spec['name']}: {type(attack).__name__} ({queries} queries) on TFLite Micro ({n} examples)")
-        robust[key] = accuracy_per_eps(attack.run(deployed, x_d, y_d))
+        record_attack(key, attack.run(deployed, x_d, y_d))
+    worst, robust = {}, clean
+    for i, eps in enumerate(epsilons):  # per example over every deployed attack, never rising with eps
+        for per_eps in correct.values():
+            robust = robust & per_eps[i]
+        worst[str(eps)] = float(np.mean(robust))
+    scale = deployed.input_scale[0] if deployed.input_scale else None
+    steps = {str(e): (None if scale is None else float(e / scale)) for e in epsilons}
+    checks = attacks.check_model(deployed, x_d, y_d, gradients=False, warn=False).flags
+    below = [e for e, v in steps.items() if v is not None and 0 < v < 1 and threat["norm"] == "linf"]
+    if below:
+        checks["eps_below_input_step"] = (
+            f"eps {', '.join(below)} is below one int8 input step ({scale:.4g}) of the deployed model: most of such a "
+            f"perturbation vanishes in the device's input quantization.")
     compression = parity.get("compression")
     record = {"model_bytes": parity["model_bytes"], "arena_bytes": parity["arena_bytes"], "compress": settings["compress"],
               "compressed": bool(compression and compression["compressed"]),
               "int8_model_bytes": compression["int8_bytes"] if compression else parity["model_bytes"],
               "int8_arena_bytes": compression["int8_arena_bytes"] if compression else parity["arena_bytes"],
-              "examples": int(n),
+              "examples": int(n), "keras_accuracy": float(np.mean(labels_of(predict(attacked, x_d)) == y_d)),
+              "clean_accuracy": float(np.mean(clean)),
+              "robust_accuracy": {k: {str(e): float(np.mean(v[i])) for i, e in enumerate(epsilons)}
+                                  for k, v in correct.items()},
+              "worst_case": worst, "input_scale": scale, "eps_in_input_steps": steps, "checks": checks,
               "parity_examples": parity["examples"], "agreement": parity["agreement"]["tflm"],
               "max_logit_difference": parity["max_logit_difference"]["tflm"],
-              "keras_accuracy": parity["accuracy"]["keras"], "clean_accuracy": parity["accuracy"]["tflm"],
-              "robust_accuracy": robust, "calibration_indices_sha": _digest(parity["calibration_indices"])}
+              "parity_keras_accuracy": parity["accuracy"]["keras"], "parity_clean_accuracy": parity["accuracy"]["tflm"],
+              "calibration_indices_sha": _digest(parity["calibration_indices"])}
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def _transfer_source(threat, input_range, num_classes, seed):
+    """The white-box attack whose adversarials on the Keras model are replayed on the deployed one, and its label.
+
+    The suite's gradient stages (APGD-CE, then APGD-T) when the threat model
+    has a suite, else PGD-20.
+    """
+    cascade = build_suite(threat["suite"], threat["norm"], threat["epsilons"], input_range, num_classes, seed)
+    if cascade is None:
+        return attacks.PGD(threat["epsilons"], norm=threat["norm"], steps=20, input_range=input_range, seed=seed), "PGD-20"
+    white = {name: attack for name, attack in cascade.stages.items() if not attack.black_box}
+    return attacks.Cascade(white), " + ".join(name.upper() for name in white)
 
 
 def _multi_exit(network, x, y, threat, thresholds, input_range, seed):
@@ -299,6 +332,7 @@ def _run_seed(config, out, command, say):
         if spec.get("exits"):  # attacks, checks and export see the final exit; `multi_exit` covers every exit
             network, model = model, keras.Model(model.inputs, model.outputs[-1], name=f"{spec['name']}_final")
         footprint, bits = _footprint(network or model)
+        attacked = export.fold_quantized_weights(model)  # the same outputs, weight quantizers evaluated once
         for norm, threat in config["threat_models"].items():
             path = out / "results" / f"{spec['name']}__{norm}.json"
             if path.is_file():
@@ -309,15 +343,19 @@ def _run_seed(config, out, command, say):
             x, y = x_test[:n], y_test[:n]
             suite = {name: build_attack(s, norm, threat["epsilons"], dataset_info.input_range, config["seed"])
                      for name, s in threat["attacks"].items()}
+            cascade = build_suite(threat["suite"], norm, threat["epsilons"], dataset_info.input_range,
+                                  dataset_info.num_classes, config["seed"])
+            if cascade is not None:
+                suite[threat["suite"]["name"]] = cascade
             say(f"  {spec['name']}: attacks {', '.join(suite)} at eps {threat['epsilons']} ({norm}, {n} examples)")
             start = time.perf_counter()
-            report = attacks.robust_accuracy(model, (x, y), suite, verbose=verbose)
+            report = attacks.robust_accuracy(attacked, (x, y), suite, verbose=verbose)
             checks = attacks.check_model(model, x[:256], y[:256], report=report, warn=False)
             evaluate_seconds = time.perf_counter() - start
             deployed, export_seconds = None, None
             if config["export"]["enabled"]:
                 start = time.perf_counter()
-                deployed = _deployed(config, spec, model, out, x, y, threat, say)
+                deployed = _deployed(config, spec, model, attacked, out, x, y, threat, say)
                 export_seconds = time.perf_counter() - start
             multi_exit = None
             if network is not None:

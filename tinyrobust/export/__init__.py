@@ -22,6 +22,7 @@ from tinyrobust.export.fold import (
     FoldedBatchNorm,
     distinct_values_per_channel,
     fold_model,
+    fold_quantized_weights,
 )
 from tinyrobust.export.parity import ParityReport, verify
 from tinyrobust.export.tflite import (
@@ -46,6 +47,7 @@ __all__ = [
     "distinct_values_per_channel",
     "export_and_verify",
     "fold_model",
+    "fold_quantized_weights",
     "is_compressed",
     "kernel_values_per_channel",
     "operator_names",

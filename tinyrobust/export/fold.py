@@ -177,6 +177,51 @@ def fold_model(model):
     return clone
 
 
+def fold_quantized_weights(model):
+    """A clone computing `model`'s inference function with its weight quantizers evaluated once.
+
+    Quantized convolution and dense layers become plain Keras layers holding
+    their deterministic quantized weights; batch norms and activation
+    quantizers stay as they are. The clone gives the same outputs as
+    `model(x, training=False)`, bit for bit, at a fraction of the cost of
+    re-quantizing every weight on every call: attack it instead of the model.
+    It is a snapshot: build it again after the weights change.
+
+    Args:
+        model: a functional Keras model (tinyrobust quantized layers allowed).
+
+    Returns:
+        A functional `keras.Model` (the model itself when nothing is quantized).
+
+    Raises:
+        ValueError: for a model that is not functional.
+    """
+    if not isinstance(model, keras.Model) or not hasattr(model, "_inbound_nodes") or not getattr(model, "inputs", None):
+        raise ValueError(f"Expected a functional Keras model. Received: model={type(model).__name__}")
+    quantized = [layer for layer in model.layers if isinstance(layer, qlayers._QuantizedWeightsMixin)]
+    if not quantized:
+        return model
+
+    def plain(layer):
+        if isinstance(layer, qlayers._QuantizedWeightsMixin):
+            return layer._keras_base.from_config(_plain_config(layer))
+        return layer.__class__.from_config(layer.get_config())
+
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    outputs = model.outputs[0] if len(model.outputs) == 1 else model.outputs  # the model's own output structure
+    clone = keras.models.clone_model(keras.Model(inputs, outputs, name=model.name), clone_function=plain)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        target = clone.get_layer(layer.name)
+        if isinstance(layer, qlayers._QuantizedWeightsMixin):
+            weights = qlayers.quantized_weights(layer)
+            target.set_weights([weights[k] for k in ("kernel", "bias") if k in weights])
+        elif layer.weights:
+            target.set_weights(layer.get_weights())
+    return clone
+
+
 def distinct_values_per_channel(model):
     """Largest number of distinct values in one output channel of each kernel.
 
