@@ -135,10 +135,10 @@ class CompressionReport:
         return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls)})
 
     def save(self, path):
-        """Writes the report as JSON; returns the path."""
-        path = pathlib.Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        """Writes the report as JSON, atomically; returns the path."""
+        from tinyrobust.export.tflite import _write_atomically
+
+        return _write_atomically(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, path):

@@ -1,6 +1,5 @@
 """Full-integer TFLite conversion and the TFLite Micro / LiteRT runner."""
 
-import json
 import os
 import pathlib
 import re
@@ -218,7 +217,7 @@ def to_tflite(model, path, representative_data, int8=True, calibration_size=500,
 
     packed, report = compress_tflite(tflite_bytes, representative)
     _write_atomically(uncompressed_path(path), tflite_bytes)
-    _write_atomically(compression_report_path(path), (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+    report.save(compression_report_path(path))
     return _write_atomically(path, packed)
 
 
