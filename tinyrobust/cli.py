@@ -95,8 +95,9 @@ def build_parser():
                        help="comma-separated model names to run (default: all), e.g. the teacher stage on one "
                             "machine and the students on another, from <out>/models/<teacher>.keras")
     bench.set_defaults(run=_bench)
-    demo = commands.add_parser("demo", help="the fashion_mnist_tiny experiment: float vs STQ vs STQ+JR under "
-                                            "FGSM, PGD, Square and HopSkipJump, exported to TFLite Micro (~8 min on 2 cores)")
+    demo = commands.add_parser("demo", help="the fashion_mnist_tiny experiment: float vs STQ vs STQ+JR under FGSM, "
+                                            "PGD and the autoattack-fast suite, exported to TFLite Micro and attacked "
+                                            "there with Square and HopSkipJump (about 8.5 min on 2 cores)")
     demo.add_argument("--profile", default="demo", help="profile of experiments/fashion_mnist_tiny.toml")
     demo.add_argument("--out", default=None)
     demo.add_argument("--quiet", action="store_true")
