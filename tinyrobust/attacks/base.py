@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from tinyrobust.attacks import kernels
-from tinyrobust.validation import check_choice, check_number, check_range
+from tinyrobust.validation import check_choice, check_labels, check_number, check_range
 
 
 def check_epsilons(eps):
@@ -17,8 +17,9 @@ def check_epsilons(eps):
     if not values:
         raise ValueError(f"Expected at least one epsilon. Received: eps={eps!r}")
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or value < 0:
-            raise ValueError(f"Expected `eps` to be non-negative numbers. Received: eps={eps!r}")
+        if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
+                or not np.isfinite(value) or value < 0):
+            raise ValueError(f"Expected `eps` to be finite non-negative numbers. Received: eps={eps!r}")
     return tuple(float(v) for v in values)
 
 
@@ -143,18 +144,19 @@ class Attack:
     def _inputs(self, model, x, y):
         """`(x, y)` checked: float32 inputs within the input range, one int32 label per input."""
         x = np.asarray(x, dtype="float32")
+        if x.ndim == 0 or len(x) == 0:
+            raise ValueError(f"Expected a non-empty batch of inputs. Received: x with shape {x.shape}")
+        if not np.all(np.isfinite(x)):
+            raise ValueError("Expected finite inputs. Received: x with NaN or inf")
         low, high = self.input_range
-        if x.size and (x.min() < low or x.max() > high):
+        if x.min() < low or x.max() > high:
             raise ValueError(f"Inputs must lie in input_range={self.input_range}. "
                              f"Received: x in [{x.min():.4g}, {x.max():.4g}]")
         if y is None:
             if self.targeted:
                 raise ValueError("A targeted attack needs target labels. Received: y=None")
             y = labels_of(predict(model, x))
-        y = np.asarray(y).astype("int32")
-        if len(y) != len(x):
-            raise ValueError(f"Expected one label per input. Received: len(x)={len(x)}, len(y)={len(y)}")
-        return x, y
+        return x, check_labels(y, n=len(x))
 
     def at(self, eps):
         """The same attack at the single radius `eps` (sharing its compiled functions)."""

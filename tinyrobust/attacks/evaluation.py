@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from tinyrobust.attacks import blackbox, gradient, kernels, suites
 from tinyrobust.attacks.base import Attack, labels_of, logits_function, predict
-from tinyrobust.validation import check_number
+from tinyrobust.validation import check_labels, check_number
 
 __all__ = ["EOT", "RobustnessReport", "robust_accuracy", "CheckReport", "check_model"]
 
@@ -109,12 +109,14 @@ def attack_kind(attack):
 def _batches(data, batch_size):
     if isinstance(data, tf.data.Dataset):
         for x, y in data:
-            yield np.asarray(x, "float32"), np.asarray(y).astype("int32")
+            x = np.asarray(x, "float32")
+            yield x, check_labels(y, n=len(x))
         return
     x, y = data
-    x, y = np.asarray(x, "float32"), np.asarray(y).astype("int32")
-    if len(x) != len(y) or len(x) == 0:
-        raise ValueError(f"Expected non-empty x and y of equal length. Received: len(x)={len(x)}, len(y)={len(y)}")
+    x = np.asarray(x, "float32")
+    if x.ndim == 0 or len(x) == 0:
+        raise ValueError(f"Expected a non-empty batch of inputs. Received: x with shape {x.shape}")
+    y = check_labels(y, n=len(x))
     for i in range(0, len(x), batch_size):
         yield x[i:i + batch_size], y[i:i + batch_size]
 
@@ -154,7 +156,10 @@ def robust_accuracy(model, data, attacks, batch_size=256, verbose=True):
         progress = keras.utils.Progbar(total, unit_name="attack batch")
     step = 0
     for x, y in _batches(data, batch_size):
-        clean.append(labels_of(predict(model, x)) == y)
+        logits = predict(model, x)
+        if logits.ndim == 2:
+            check_labels(y, num_classes=logits.shape[1])
+        clean.append(labels_of(logits) == y)
         for name, attack in attacks.items():
             result = attack.run(model, x, y)
             for i, eps in enumerate(result.epsilons):
@@ -236,7 +241,7 @@ def check_model(model, x, y, report=None, num_classes=None, chance_margin=0.1, w
         A `CheckReport`.
     """
     x = np.asarray(x, "float32")
-    y = np.asarray(y).astype("int32")
+    y = check_labels(y, n=len(x))
     flags = {}
     first, second = predict(model, x), predict(model, x)
     if first.ndim == 2:
