@@ -133,6 +133,10 @@ def test_bad_inputs_fail_clearly_and_leave_no_files(tmp_path):
         export.TFLiteModel(b"", runtime="tflite")
     with pytest.raises(FileNotFoundError, match="missing.tflite"):
         export.TFLiteModel(tmp_path / "missing.tflite")
+    (tmp_path / "garbage.tflite").write_bytes(b"not a model at all")
+    for runtime in ("tflm", "litert"):
+        with pytest.raises(ValueError, match="Expected a TFLite flatbuffer.*garbage.tflite.*18 bytes"):
+            export.TFLiteModel(tmp_path / "garbage.tflite", runtime=runtime)
 
 
 def test_tflite_model_is_an_attack_target(tmp_path, trained_stq):

@@ -47,9 +47,19 @@ def _representative_array(representative_data, input_shape, limit):
     return data[:limit]
 
 
+def check_flatbuffer(data, name="model"):
+    """Raises ValueError unless `data` starts like a TFLite flatbuffer (file identifier "TFL3")."""
+    data = bytes(data)
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise ValueError(f"Expected a TFLite flatbuffer (file identifier 'TFL3'). Received: {name} with "
+                         f"{len(data)} bytes starting {data[:8]!r}")
+
+
 def _operators(tflite_bytes):
     """Yields (model, subgraph, operator, builtin name) for every operator of a flatbuffer."""
     from tflite_micro.python.tflite_micro import runtime
+
+    check_flatbuffer(tflite_bytes, "tflite_bytes")
 
     model = runtime.convert_bytearray_to_object(bytearray(tflite_bytes))
     names = {v: k for k, v in vars(runtime.schema_fb.BuiltinOperator).items() if not k.startswith("_")}
@@ -252,6 +262,7 @@ class TFLiteModel:
             if not self.path.is_file():
                 raise FileNotFoundError(f"No TFLite model at {str(self.path)!r}. Received: model={str(model)!r}")
             data = self.path.read_bytes()
+        check_flatbuffer(data, "model" if self.path is None else f"model={str(self.path)!r}")
         if arena_size is not None:
             check_number("arena_size", arena_size, low=1, integer=True)
         self.runtime = runtime
