@@ -18,3 +18,13 @@ def test_demo_unknown_profile_exits_2(capsys):
 def test_import_exposes_namespace():
     for name in ["quantizers", "layers", "data", "models", "summary"]:
         assert hasattr(tr, name)
+
+
+def test_interrupt_ends_with_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_bench", interrupted)
+    assert cli.main(["demo"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted. Run the same command again to resume." in err and "Traceback" not in err

@@ -136,6 +136,10 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as error:
         print(f"tinyrobust {args.command}: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resume = " Run the same command again to resume." if args.command in ("bench", "demo") else ""
+        print(f"\ntinyrobust {args.command}: interrupted.{resume}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
