@@ -28,3 +28,20 @@ def test_interrupt_ends_with_one_line_and_exit_130(monkeypatch, capsys):
     assert cli.main(["demo"]) == 130
     err = capsys.readouterr().err
     assert "interrupted. Run the same command again to resume." in err and "Traceback" not in err
+
+
+def test_recorded_command_is_shell_quoted(monkeypatch, tmp_path):
+    from tinyrobust import bench
+
+    seen = {}
+
+    def run(config, out, command, verbose):
+        seen.update(command=command)
+        out.mkdir(parents=True)
+        (out / "report.md").write_text("report\n")
+
+    monkeypatch.setattr(bench, "run", run)
+    monkeypatch.setattr(bench, "load", lambda path, profile=None: {"name": "x", "profile": profile})
+    out = tmp_path / "a b"
+    assert cli.main(["bench", "my experiment.toml", "--out", str(out), "--quiet"]) == 0
+    assert seen["command"] == f"tinyrobust bench 'my experiment.toml' --out '{out}' --quiet"

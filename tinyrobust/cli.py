@@ -3,6 +3,7 @@
 import argparse
 import os
 import pathlib
+import shlex
 import sys
 import time
 
@@ -24,7 +25,7 @@ def _bench(args):
     if getattr(args, "models", None):
         config = bench.select_models(config, [n.strip() for n in args.models.split(",") if n.strip()])
     out = pathlib.Path(args.out or pathlib.Path("runs") / config["name"] / (args.profile or "base"))
-    command = "tinyrobust " + " ".join(args.argv)
+    command = shlex.join(["tinyrobust", *args.argv])  # quoted: it can be pasted into a shell
     start = time.perf_counter()
     bench.run(config, out, command=command, verbose=not args.quiet)
     print("\n" + (out / "report.md").read_text())
