@@ -68,11 +68,38 @@ attacks = { fgsm = { type = "FGSM" } }
         ("seed = []\n" + BASE, "seed=\\[\\]"),
         ("seed = [1, 1]\n" + BASE, "seed=\\[1, 1\\]"),
         ("seed = [0, -1]\n" + BASE, "seed=-1"),
+        # Names become file names; tables must be tables; values must have the right type and be finite.
+        (BASE.replace('name = "m"', 'name = "../../evil"'), "models\\[0\\].name='../../evil'"),
+        ('name = "../x"\n' + BASE, "name='../x'"),
+        (BASE.replace('name = "m"', 'name = 5'), "name=5"),
+        (BASE.replace("[0.05]", "[0.05, 0.05]"), "distinct. Received: epsilons=\\[0.05, 0.05\\]"),
+        (BASE.replace('options = { width = 4 }', 'options = { widthx = 8 }'), "options=\\{'widthx': 8\\}"),
+        (BASE.replace('options = { width = 4 }', 'options = 8'), "options=8"),
+        (BASE.replace('options = { width = 4 }', 'jacobian = 0.05'), "jacobian=0.05"),
+        (BASE.replace('options = { width = 4 }', 'jacobian = { relu_9 = 0.05 }'), "jacobian.relu_9"),
+        (BASE.replace('options = { width = 4 }', 'jacobian = { input = inf }'), "jacobian.input=inf"),
+        (BASE.replace('options = { width = 4 }', 'jacobian = { input = nan }'), "jacobian.input=nan"),
+        (BASE.replace('options = { width = 4 }', 'adversary = { method = "pgd", epsilon = 5.0 }'),
+         "adversary.epsilon=5.0"),
+        ("train = 5\n" + BASE, "train=5"),
+        (BASE + "\n[train]\nlearning_rate = inf\n", "train.learning_rate=inf"),
+        (BASE + "\n[train]\naugment = \"yes\"\n", "train.augment='yes'"),
+        (BASE + "\n[export]\nenabled = \"no\"\n", "export.enabled='no'"),
+        (BASE + "\n[export]\ncompress = 1\n", "export.compress=1"),
+        (BASE + "\n[export]\ndeployed_queries = 100\ndeployed_attacks = [\"hopskipjump\"]\n", "at least 162 queries"),
+        (BASE + "\nsuite = \"autoattack-plus\"\n", "suite.name='autoattack-plus'"),
     ],
 )
 def test_invalid_experiment_fails_before_work_naming_the_key(tmp_path, text, message):
     with pytest.raises(bench.ExperimentError, match=message):
         bench.load(_write(tmp_path, text))
+
+
+def test_a_binary_file_is_not_an_experiment(tmp_path):
+    path = tmp_path / "model.toml"
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(bench.ExperimentError, match="model.toml: not valid TOML"):
+        bench.load(path)
 
 
 def test_unknown_profile_is_rejected(tmp_path):

@@ -13,6 +13,7 @@ See `experiments/README.md` for the full key reference.
 import copy
 import inspect
 import pathlib
+import re
 import tomllib
 
 from tinyrobust import attacks, data, distill, models, quantizers
@@ -113,6 +114,33 @@ def _number(where, value, **bounds):
         raise ExperimentError(str(error)) from None
 
 
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _check_name(where, name):
+    """Names become file names: letters, digits, `_`, `.` and `-` only (no path separators)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise ExperimentError(f"Expected `{where}` to be a name of letters, digits, '_', '.' and '-' (it names "
+                              f"files). Received: {where}={name!r}")
+
+
+def _check_builds(where, model, dataset_info):
+    """Builds the architecture with its options and checks the Jacobian layers against it."""
+    try:
+        built = models.get(model["architecture"], quantization=model["quantization"],
+                           num_classes=dataset_info.num_classes, input_shape=dataset_info.input_shape,
+                           **model["options"])
+    except (TypeError, ValueError) as error:
+        raise ExperimentError(f"`{where}options` do not build {model['architecture']!r}: {error}. "
+                              f"Received: {where}options={model['options']!r}") from None
+    layers = {layer.name for layer in built.layers}
+    for layer in model.get("jacobian", {}):
+        if layer != "input" and layer not in layers:
+            raise ExperimentError(f"`{where}jacobian` names a layer {model['architecture']!r} does not have "
+                                  f"(use 'input' or one of its layer names, e.g. {sorted(layers)[:5]}). "
+                                  f"Received: {where}jacobian.{layer}")
+
+
 def _check_models(config):
     if not isinstance(config.get("models"), list) or not config["models"]:
         raise ExperimentError("Expected `models` to be a non-empty array of tables ([[models]]). "
@@ -124,6 +152,7 @@ def _check_models(config):
         for key in ("name", "architecture"):
             if not isinstance(model.get(key), str):
                 raise ExperimentError(f"Expected `{where}{key}` to be a string. Received: {key}={model.get(key)!r}")
+        _check_name(f"{where}name", model["name"])
         if model["name"] in names:
             raise ExperimentError(f"Duplicate model name. Received: {where}name={model['name']!r}")
         names.add(model["name"])
@@ -135,15 +164,20 @@ def _check_models(config):
             raise ExperimentError(f"Unknown quantization (allowed: {', '.join(quantizers.PRESETS)}). "
                                   f"Received: {where}quantization={model['quantization']!r}")
         model.setdefault("options", {})
+        for key in ("options", "jacobian", "adversary"):
+            if model.get(key) is not None and not isinstance(model[key], dict):
+                raise ExperimentError(f"Expected `{where}{key}` to be a table. Received: {where}{key}={model[key]!r}")
         for layer, weight in model.get("jacobian", {}).items():
             _number(f"{where}jacobian.{layer}", weight, low=0)
+        _check_builds(where, model, data.info(config["dataset"]))
         adversary = model.get("adversary")
         if adversary is not None:
             _unknown(f"{where}adversary.", adversary, _ADVERSARY)
             if adversary.get("method") not in ("pgd", "trades", "fgsm_rs"):
                 raise ExperimentError("Expected `adversary.method` to be 'pgd', 'trades' or 'fgsm_rs'. "
                                       f"Received: {where}adversary.method={adversary.get('method')!r}")
-            _number(f"{where}adversary.epsilon", adversary.get("epsilon"), low=0, low_open=True)
+            low, high = data.info(config["dataset"]).input_range
+            _number(f"{where}adversary.epsilon", adversary.get("epsilon"), low=0, low_open=True, high=high - low)
         if model.get("distill") is not None:
             _check_distill(where, model, names - {model["name"]})
         if model.get("exits") is not None or model.get("neokd") is not None:
@@ -263,6 +297,8 @@ def _check_threat_models(config, input_range):
         high = width if norm == "linf" else None
         for eps in epsilons:
             _number(f"{where}epsilons", eps, low=0, high=high)
+        if len(set(epsilons)) != len(epsilons):
+            raise ExperimentError(f"Expected `{where}epsilons` to be distinct. Received: epsilons={epsilons!r}")
         threat["epsilons"] = [float(eps) for eps in epsilons]
         threat.setdefault("examples", 1000)
         _number(f"{where}examples", threat["examples"], low=1, integer=True)
@@ -376,8 +412,8 @@ def load(path, profile=None):
     if not path.is_file():
         raise FileNotFoundError(f"No experiment file at {str(path)!r}")
     try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ExperimentError(f"{path}: not valid TOML: {error}") from None
     _unknown("", raw, _TOP)
     profiles = raw.pop("profiles", {})
@@ -386,9 +422,13 @@ def load(path, profile=None):
             raise ExperimentError(f"Unknown profile (defined: {', '.join(sorted(profiles)) or 'none'}). "
                                   f"Received: profile={profile!r}")
         raw = _merge(raw, _with_suites_replaced(raw, profiles[profile], profile))
+    for key in ("train", "export", "threat_models"):
+        if key in raw and not isinstance(raw[key], dict):
+            raise ExperimentError(f"Expected `{key}` to be a table ([{key}]). Received: {key}={raw[key]!r}")
     config = _merge(_DEFAULTS, raw)
     config["profile"] = profile
     config.setdefault("name", path.stem)
+    _check_name("name", config["name"])
     if config.get("dataset") not in data.NAMES:
         raise ExperimentError(f"Unknown dataset (allowed: {', '.join(data.NAMES)}). "
                               f"Received: dataset={config.get('dataset')!r}")
@@ -400,6 +440,9 @@ def load(path, profile=None):
         _number("seed", seed, low=0, integer=True)
     config["seeds"], config["seed"] = seeds, seeds[0]
     _unknown("train.", config["train"], _TRAIN)
+    if not isinstance(config["train"]["augment"], bool):
+        raise ExperimentError(f"Expected `train.augment` to be true or false. "
+                              f"Received: train.augment={config['train']['augment']!r}")
     _number("train.epochs", config["train"]["epochs"], low=0, integer=True)
     _number("train.batch_size", config["train"]["batch_size"], low=1, integer=True)
     _number("train.learning_rate", config["train"]["learning_rate"], low=0, low_open=True)
