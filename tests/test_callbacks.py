@@ -117,3 +117,13 @@ def test_robust_accuracy_is_at_most_clean_accuracy_on_trained_model():
 def test_bad_arguments(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_stop_on_non_finite_loss_raises_before_anything_else_runs():
+    x = np.random.default_rng(0).random((64, 4)).astype("float32")
+    y = np.zeros(64, "int32")
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    model.compile("sgd", lambda y_true, logits: keras.ops.mean(keras.ops.log(logits - 1e9)))  # log of negatives
+    with pytest.raises(ValueError, match=r"Training diverged: `loss` is nan at epoch 1, batch 1"):
+        model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[callbacks.StopOnNonFiniteLoss()])

@@ -15,7 +15,8 @@ from keras import ops
 from tinyrobust import attacks, export, quantizers
 from tinyrobust.validation import check_number
 
-__all__ = ["JacobianWeightScheduler", "EpsilonScheduler", "QuantizationNoiseScheduler", "RobustAccuracy", "TFLiteExport"]
+__all__ = ["JacobianWeightScheduler", "EpsilonScheduler", "QuantizationNoiseScheduler", "RobustAccuracy", "TFLiteExport",
+           "StopOnNonFiniteLoss"]
 
 
 def _ramp(epoch, start_epoch, ramp_epochs, start, end):
@@ -160,6 +161,35 @@ class RobustAccuracy(keras.callbacks.Callback):
         if logs is not None:
             logs[self.name] = self._last
 
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops training with an error as soon as a logged loss is NaN or infinite.
+
+    Unlike `keras.callbacks.TerminateOnNaN`, which ends training quietly (and
+    lets a script go on to evaluate and export a broken model), this raises,
+    so nothing downstream runs on NaN weights.
+
+    Raises:
+        ValueError: naming the log key, its value and the epoch and batch.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        for key, value in (logs or {}).items():
+            if (key == "loss" or key.endswith("loss") or key in ("ce", "jacobian", "distill")) and value is not None:
+                value = float(value)
+                if not np.isfinite(value):
+                    raise ValueError(
+                        f"Training diverged: `{key}` is {value} at epoch {self._epoch + 1}, batch {batch + 1}; "
+                        f"nothing was evaluated or exported. Lower the learning rate or the Jacobian/adversarial "
+                        f"weights. Received: {key}={value}")
 
 
 class TFLiteExport(keras.callbacks.Callback):

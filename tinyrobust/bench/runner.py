@@ -9,7 +9,7 @@ import time
 import keras
 import numpy as np
 
-from tinyrobust import attacks, data, distill, export, models, multiexit
+from tinyrobust import attacks, callbacks, data, distill, export, models, multiexit
 from tinyrobust.attacks.base import labels_of, predict
 from tinyrobust.bench import results as results_lib
 from tinyrobust.bench.config import build_attack, build_suite
@@ -114,7 +114,8 @@ def train(config, spec, out, verbose=True):
         train_data = train_data.map(lambda x, y: (x, (y,) * exits))
     start = time.perf_counter()
     backup = keras.callbacks.BackupAndRestore(str(out / "checkpoints" / spec["name"]))
-    model.fit(train_data, epochs=recipe["epochs"], callbacks=[backup], shuffle=False, verbose=1 if verbose and sys.stdout.isatty()
+    model.fit(train_data, epochs=recipe["epochs"], callbacks=[backup, callbacks.StopOnNonFiniteLoss()], shuffle=False,
+              verbose=1 if verbose and sys.stdout.isatty()
               else 2 if verbose else 0)
     seconds = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)
