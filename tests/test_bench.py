@@ -322,3 +322,24 @@ def test_plain_multi_exit_model_trains_on_the_mean_exit_cross_entropy(tmp_path):
     (result,) = bench.run(bench.load(_write(tmp_path, text)), tmp_path / "run", verbose=False)
     assert result["model"]["neokd"] is None and len(result["multi_exit"]["clean"]) == 2
     assert set(result["multi_exit"]["attacks"]) == {"average"}
+
+
+def test_a_second_run_into_a_busy_folder_stops_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    config = bench.load(_write(tmp_path, BASE))
+    out = tmp_path / "run"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(str(other.pid))
+        with pytest.raises(ValueError, match=rf"Another run \(process {other.pid}\) is writing into"):
+            bench.run(config, out, verbose=False)
+        assert not (out / "experiment.json").exists()
+    finally:
+        other.kill()
+        other.wait()
+    (out / "file").write_text("x")
+    with pytest.raises(ValueError, match="output folder is a file"):
+        bench.run(config, out / "file", verbose=False)

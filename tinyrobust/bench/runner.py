@@ -1,6 +1,8 @@
 """Runs an experiment: train (resuming), attack, check, export, evaluate the deployed model, write results."""
 
+import contextlib
 import json
+import os
 import pathlib
 import platform
 import sys
@@ -277,18 +279,66 @@ def run(config, out_dir, command="", verbose=True):
     """
     say = _Say(verbose)
     out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "experiment.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-    seeds = config.get("seeds", [config["seed"]])
-    all_results = []
-    for seed in seeds:
-        if len(seeds) == 1:
-            all_results += _run_seed(config, out, command, say)
-        else:
-            say(f"seed {seed} ({seeds.index(seed) + 1} of {len(seeds)})")
-            all_results += _run_seed({**config, "seed": seed, "seeds": [seed]}, out / f"seed_{seed}", command, say)
-    write_report(_with_earlier_results(all_results, out, config, seeds), out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"The output folder is a file. Received: out_dir={str(out)!r}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"Cannot create the output folder ({error.strerror}). Received: out_dir={str(out)!r}") from None
+    with _lock(out):
+        (out / "experiment.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        seeds = config.get("seeds", [config["seed"]])
+        all_results = []
+        for seed in seeds:
+            if len(seeds) == 1:
+                all_results += _run_seed(config, out, command, say)
+            else:
+                say(f"seed {seed} ({seeds.index(seed) + 1} of {len(seeds)})")
+                all_results += _run_seed({**config, "seed": seed, "seeds": [seed]}, out / f"seed_{seed}", command,
+                                         say)
+        write_report(_with_earlier_results(all_results, out, config, seeds), out)
     return all_results
+
+
+@contextlib.contextmanager
+def _lock(out):
+    """Holds `out/.lock` (this process's id) for the run; a second run into a folder in use stops at once.
+
+    A lock left by a process that no longer runs (e.g. killed) is taken over.
+
+    Raises:
+        ValueError: another live process holds the folder.
+    """
+    path = out / ".lock"
+    while True:
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                owner = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and owner != os.getpid() and _alive(owner):
+                raise ValueError(f"Another run (process {owner}) is writing into {str(out)!r}; wait for it to end or "
+                                 f"use another --out. Received: out_dir={str(out)!r}") from None
+            path.unlink(missing_ok=True)  # stale: its process is gone
+    try:
+        os.write(handle, str(os.getpid()).encode())
+        os.close(handle)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _with_earlier_results(results, out, config, seeds):
