@@ -184,6 +184,17 @@ def test_smoke_run_end_to_end_resumes_and_reports(tmp_path, capsys):
     again = json.loads((out / "results" / "stq__linf.json").read_text())
     assert again["clean_accuracy"] == stq["clean_accuracy"] and again["robust_accuracy"] == stq["robust_accuracy"]
 
+    # Truncated files are named and redone, never reused or silently dropped.
+    result_file = out / "results" / "float__linf.json"
+    result_file.write_text(result_file.read_text()[:100])
+    with pytest.warns(UserWarning, match="float__linf.json is corrupt"):
+        assert cli.main(["report", str(out)]) == 0
+    model_file = out / "models" / "float.keras"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="float.keras is corrupt"):
+        assert cli.main(argv[:-1]) == 0
+    assert json.loads(result_file.read_text())["clean_accuracy"] == flt["clean_accuracy"]  # retrained, same seed
+
     # Tables and plots rebuild from the JSON files alone; two result sets compare.
     (out / "report.md").unlink()
     assert cli.main(["report", str(out)]) == 0 and (out / "report.md").is_file()

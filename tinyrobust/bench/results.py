@@ -49,6 +49,7 @@ Schema (version 1) of `results/<model>__<norm>.json`:
 
 import json
 import pathlib
+import warnings
 
 SCHEMA_VERSION = 1
 _REQUIRED = {
@@ -119,7 +120,10 @@ def read_all(folder):
     for path in sorted(pathlib.Path(folder).rglob("*.json")):
         try:
             result = json.loads(path.read_text())
-        except ValueError:
+        except ValueError as error:
+            if path.parent.name == "results":  # a result file, not some other JSON of the run
+                warnings.warn(f"{path} is corrupt ({error}); its model is missing from the report. Run the bench "
+                              f"again to redo it.", stacklevel=2)
             continue
         if isinstance(result, dict) and result.get("schema_version") == SCHEMA_VERSION:
             results.append(validate(result))

@@ -7,6 +7,7 @@ import pathlib
 import platform
 import sys
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -33,6 +34,22 @@ def versions():
     return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
             "qkeras": getattr(qkeras, "__version__", "unknown"), "numpy": np.__version__,
             "tinyrobust": tinyrobust.__version__}
+
+
+def _reusable(path, read=None):
+    """The artifact at `path` read by `read` (default: JSON), or None when it is missing or corrupt.
+
+    A corrupt file (truncated JSON, a broken `.keras`) is named in a warning and
+    removed, so the step that writes it runs again.
+    """
+    if not path.is_file():
+        return None
+    try:
+        return read(path) if read is not None else json.loads(path.read_text())
+    except Exception as error:  # noqa: BLE001 - any failure to read means: redo
+        warnings.warn(f"{path} is corrupt ({type(error).__name__}: {str(error)[:200]}); it is redone.", stacklevel=2)
+        path.unlink()
+        return None
 
 
 class _Say:
@@ -93,8 +110,9 @@ def train(config, spec, out, verbose=True):
         (model, seconds spent training in this call).
     """
     path = out / "models" / f"{spec['name']}.keras"
-    if path.is_file():
-        return keras.saving.load_model(path), 0.0
+    model = _reusable(path, keras.saving.load_model)
+    if model is not None:
+        return model, 0.0
     dataset_info = data.info(config["dataset"])
     recipe = config["train"]
     keras.utils.set_random_seed(config["seed"])
@@ -137,13 +155,13 @@ def _deployed(config, spec, model, attacked, out, x, y, threat, say):
     (clean, transfer, Square, HopSkipJump); `attacked` is the model's attack view (`fold_quantized_weights`)."""
     settings = config["export"]
     record_path = out / "export" / f"{spec['name']}__{threat['norm']}.deployed.json"
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        if record.get("compress") == settings["compress"] and "worst_case" in record:
-            return record
+    record = _reusable(record_path)
+    if record is not None and record.get("compress") == settings["compress"] and "worst_case" in record:
+        return record
     name = spec["name"].replace("-", "_")
     parity_path = out / "export" / f"{name}.parity.json"
-    if not parity_path.is_file() or (json.loads(parity_path.read_text()).get("compression") is None) == settings["compress"]:
+    parity = _reusable(parity_path)
+    if parity is None or (parity.get("compression") is None) == settings["compress"]:
         calibration, indices = data.calibration_set(config["dataset"], size=settings["calibration_size"],
                                                     seed=config["seed"])
         x_parity, y_parity = data.load_arrays(config["dataset"], "test", limit=settings["parity_examples"])
@@ -368,17 +386,15 @@ def _run_seed(config, out, command, say):
     x_test, y_test = data.load_arrays(config["dataset"], "test", limit=examples)
     all_results = []
     for spec in config["models"]:
-        pending = [n for n in config["threat_models"]
-                   if not (out / "results" / f"{spec['name']}__{n}.json").is_file()]
-        if not pending:
+        existing = {n: _reusable(out / "results" / f"{spec['name']}__{n}.json") for n in config["threat_models"]}
+        if all(r is not None for r in existing.values()):
             say(f"{spec['name']}: results exist, skipped")
-            all_results += [json.loads((out / "results" / f"{spec['name']}__{n}.json").read_text())
-                            for n in config["threat_models"]]
+            all_results += list(existing.values())
             continue
         say(f"{spec['name']}: training {spec['architecture']} ({spec['quantization']}) on {config['dataset']}")
         model, _ = train(config, spec, out, verbose)
-        train_record = out / "models" / f"{spec['name']}.train.json"
-        train_seconds = json.loads(train_record.read_text())["seconds"] if train_record.is_file() else None
+        train_record = _reusable(out / "models" / f"{spec['name']}.train.json")
+        train_seconds = train_record.get("seconds") if train_record else None
         network = None
         if spec.get("exits"):  # attacks, checks and export see the final exit; `multi_exit` covers every exit
             network, model = model, keras.Model(model.inputs, model.outputs[-1], name=f"{spec['name']}_final")
@@ -386,8 +402,8 @@ def _run_seed(config, out, command, say):
         attacked = export.fold_quantized_weights(model)  # the same outputs, weight quantizers evaluated once
         for norm, threat in config["threat_models"].items():
             path = out / "results" / f"{spec['name']}__{norm}.json"
-            if path.is_file():
-                all_results.append(json.loads(path.read_text()))
+            if existing[norm] is not None:
+                all_results.append(existing[norm])
                 continue
             threat = {**threat, "norm": norm}
             n = threat["examples"]
