@@ -125,7 +125,7 @@ def _check_name(where, name):
 
 
 def _check_builds(where, model, dataset_info):
-    """Builds the architecture with its options and checks the Jacobian layers against it."""
+    """Builds the architecture with its options and checks the Jacobian layers against it; returns the model."""
     try:
         built = models.get(model["architecture"], quantization=model["quantization"],
                            num_classes=dataset_info.num_classes, input_shape=dataset_info.input_shape,
@@ -139,6 +139,7 @@ def _check_builds(where, model, dataset_info):
             raise ExperimentError(f"`{where}jacobian` names a layer {model['architecture']!r} does not have "
                                   f"(use 'input' or one of its layer names, e.g. {sorted(layers)[:5]}). "
                                   f"Received: {where}jacobian.{layer}")
+    return built
 
 
 def _check_models(config):
@@ -169,7 +170,7 @@ def _check_models(config):
                 raise ExperimentError(f"Expected `{where}{key}` to be a table. Received: {where}{key}={model[key]!r}")
         for layer, weight in model.get("jacobian", {}).items():
             _number(f"{where}jacobian.{layer}", weight, low=0)
-        _check_builds(where, model, data.info(config["dataset"]))
+        built = _check_builds(where, model, data.info(config["dataset"]))
         adversary = model.get("adversary")
         if adversary is not None:
             _unknown(f"{where}adversary.", adversary, _ADVERSARY)
@@ -181,10 +182,10 @@ def _check_models(config):
         if model.get("distill") is not None:
             _check_distill(where, model, names - {model["name"]})
         if model.get("exits") is not None or model.get("neokd") is not None:
-            _check_exits(where, model, data.info(config["dataset"]))
+            _check_exits(where, model, built)
 
 
-def _check_exits(where, model, dataset_info):
+def _check_exits(where, model, backbone):
     """A multi-exit model: `exits = { layers, thresholds }` and optional `neokd = { alpha, beta, attack, ... }`.
 
     The layer names are checked against the built architecture.
@@ -204,13 +205,6 @@ def _check_exits(where, model, dataset_info):
     if not isinstance(layers, list) or not layers or not all(isinstance(n, str) for n in layers):
         raise ExperimentError(f"Expected `{where}exits.layers` to be a non-empty list of layer names. "
                               f"Received: layers={layers!r}")
-    try:
-        backbone = models.get(model["architecture"], quantization=model["quantization"],
-                              num_classes=dataset_info.num_classes, input_shape=dataset_info.input_shape,
-                              **model["options"])
-    except (TypeError, ValueError) as error:
-        raise ExperimentError(f"Cannot build {model['architecture']}: {error}. "
-                              f"Received: {where}options={model['options']!r}") from None
     known = [layer.name for layer in backbone.layers]
     for name in layers:
         if name not in known:
