@@ -92,9 +92,14 @@ class RobustnessReport:
         }
 
 
+def _unwrapped(attack):
+    """The attack an `EOT` wraps, or the attack itself."""
+    return attack.attack if isinstance(attack, EOT) else attack
+
+
 def attack_kind(attack):
     """How an attack counts in the sanity checks."""
-    inner = attack.attack if isinstance(attack, EOT) else attack
+    inner = _unwrapped(attack)
     if isinstance(inner, suites.Cascade):
         return "suite"
     if isinstance(inner, blackbox.Transfer):
@@ -186,11 +191,9 @@ def robust_accuracy(model, data, attacks, batch_size=256, verbose=True):
     mean_queries = {n: {e: float(np.concatenate(v).mean()) for e, v in per.items()} for n, per in queries.items() if per}
     kinds = {n: attack_kind(a) for n, a in attacks.items()}
     for name, attack in attacks.items():
-        inner = attack.attack if isinstance(attack, EOT) else attack
-        for stage, stage_attack in getattr(inner, "stages", {}).items():
+        for stage, stage_attack in getattr(_unwrapped(attack), "stages", {}).items():
             kinds[f"{name}/{stage}"] = attack_kind(stage_attack)
-    apgd = tuple(n for n, a in attacks.items()
-                 if isinstance(a.attack if isinstance(a, EOT) else a, (gradient.APGD, gradient.APGDTargeted)))
+    apgd = tuple(n for n, a in attacks.items() if isinstance(_unwrapped(a), (gradient.APGD, gradient.APGDTargeted)))
     return RobustnessReport(clean, per_attack, dict(sorted(worst.items())), mean_queries, kinds, apgd)
 
 

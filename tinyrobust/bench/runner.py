@@ -150,9 +150,10 @@ def train(config, spec, out, verbose=True):
     return model, seconds
 
 
-def _deployed(config, spec, model, attacked, out, x, y, threat, say):
+def _deployed(config, spec, model, attacked, cascade, out, x, y, threat, say):
     """Exports the model (compressed when `[export] compress`) and evaluates the shipped TFLite Micro artifact
-    (clean, transfer, Square, HopSkipJump); `attacked` is the model's attack view (`fold_quantized_weights`)."""
+    (clean, transfer, Square, HopSkipJump); `attacked` is the model's attack view (`fold_quantized_weights`),
+    `cascade` the threat model's suite or None."""
     settings = config["export"]
     record_path = out / "export" / f"{spec['name']}__{threat['norm']}.deployed.json"
     record = _reusable(record_path)
@@ -182,7 +183,7 @@ def _deployed(config, spec, model, attacked, out, x, y, threat, say):
         correct[key] = [clean & (deployed(xa).argmax(-1) == y_d) for xa in result.x_adv]
 
     if "transfer" in settings["deployed_attacks"]:
-        source, label = _transfer_source(threat, input_range, data.info(config["dataset"]).num_classes, config["seed"])
+        source, label = _transfer_source(cascade, threat, input_range, config["seed"])
         say(f"  {spec['name']}: transfer {label} from the Keras model to TFLite Micro ({n} examples)")
         record_attack("transfer", source.run(attacked, x_d, y_d))
     queries = settings["deployed_queries"]
@@ -224,13 +225,12 @@ def _deployed(config, spec, model, attacked, out, x, y, threat, say):
     return record
 
 
-def _transfer_source(threat, input_range, num_classes, seed):
+def _transfer_source(cascade, threat, input_range, seed):
     """The white-box attack whose adversarials on the Keras model are replayed on the deployed one, and its label.
 
-    The suite's gradient stages (APGD-CE, then APGD-T) when the threat model
-    has a suite, else PGD-20.
+    The gradient stages (APGD-CE, then APGD-T) of the threat model's suite
+    `cascade` (their compiled functions are reused), else PGD-20.
     """
-    cascade = build_suite(threat["suite"], threat["norm"], threat["epsilons"], input_range, num_classes, seed)
     if cascade is None:
         return attacks.PGD(threat["epsilons"], norm=threat["norm"], steps=20, input_range=input_range, seed=seed), "PGD-20"
     white = {name: attack for name, attack in cascade.stages.items() if not attack.black_box}
@@ -422,7 +422,7 @@ def _run_seed(config, out, command, say):
             deployed, export_seconds = None, None
             if config["export"]["enabled"]:
                 start = time.perf_counter()
-                deployed = _deployed(config, spec, model, attacked, out, x, y, threat, say)
+                deployed = _deployed(config, spec, model, attacked, cascade, out, x, y, threat, say)
                 export_seconds = time.perf_counter() - start
             multi_exit = None
             if network is not None:
