@@ -127,3 +127,32 @@ def test_stop_on_non_finite_loss_raises_before_anything_else_runs():
     model.compile("sgd", lambda y_true, logits: keras.ops.mean(keras.ops.log(logits - 1e9)))  # log of negatives
     with pytest.raises(ValueError, match=r"Training diverged: `loss` is nan at epoch 1, batch 1"):
         model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[callbacks.StopOnNonFiniteLoss()])
+
+
+def test_seed_each_epoch_sets_every_random_state_from_the_seed_and_the_epoch():
+    import tensorflow as tf
+
+    from tinyrobust import seeding
+
+    adversary = tr.AdversarialTraining("pgd", epsilon=0.1, steps=2)
+    model = _model(jacobian=tr.JacobianRegularizer(weight=0.1), adversary=adversary)
+    states = seeding.seed_states(model)
+    paths = [state.path for state in states]
+    assert any("attack_seed" in p for p in paths) and any("projection_seed" in p for p in paths)
+    assert sum("seed_generator" in p for p in paths) >= 2  # the STQ quantizers
+    epoch = tf.Variable(0, dtype=tf.int64)
+    seeder = callbacks.SeedEachEpoch(7, epoch=epoch)
+    seeder.set_model(model)
+    seeder.on_epoch_begin(2)
+    start = [state.numpy().copy() for state in states]
+    assert int(epoch.numpy()) == 2
+    x, y = _data()
+    model.fit(x, y, epochs=1, verbose=0)  # draws advance the states
+    assert any(not np.array_equal(s, state.numpy()) for s, state in zip(start, states))
+    seeder.on_epoch_begin(2)
+    assert all(np.array_equal(s, state.numpy()) for s, state in zip(start, states))
+    seeder.on_epoch_begin(3)
+    assert all(not np.array_equal(s, state.numpy()) for s, state in zip(start, states))
+    assert len({int(s[0]) for s in start}) == len(start)  # one stream per generator
+    with pytest.raises(ValueError, match="Received: seed=-1"):
+        callbacks.SeedEachEpoch(-1)

@@ -31,6 +31,30 @@ def test_dataset_batches_and_seeded_shuffle():
     np.testing.assert_array_equal(np.concatenate(first), np.concatenate(second))
 
 
+@pytest.mark.parametrize("name", ["fashion_mnist", "synthetic_kws"])
+def test_each_pass_depends_only_on_the_seed_and_the_epoch_variable(name, request):
+    import tensorflow as tf
+
+    if name == "synthetic_kws":
+        request.getfixturevalue("small_synthetic_kws")
+
+    def one_pass(dataset):
+        batches = list(dataset)
+        return np.concatenate([x.numpy() for x, _ in batches]), np.concatenate([y.numpy() for _, y in batches])
+
+    epoch = tf.Variable(0, dtype=tf.int64)
+    dataset = data.load(name, "train", batch_size=16, limit=48, seed=1, augment=True, epoch=epoch)
+    first, second = one_pass(dataset), one_pass(dataset)
+    assert int(epoch.numpy()) == 2  # every pass reads the variable and advances it
+    assert not np.array_equal(first[0], second[0])
+    epoch.assign(1)  # a resumed run: a new dataset object, started at the second epoch
+    resumed = one_pass(data.load(name, "train", batch_size=16, limit=48, seed=1, augment=True, epoch=epoch))
+    np.testing.assert_array_equal(resumed[0], second[0])
+    np.testing.assert_array_equal(resumed[1], second[1])
+    with pytest.raises(ValueError, match="Received: epoch=3"):
+        data.load(name, "train", epoch=3)
+
+
 def test_calibration_set_from_train_split():
     x, indices = data.calibration_set("fashion_mnist", size=20, seed=2)
     train, _ = data.load_arrays("fashion_mnist", "train", seed=2)

@@ -12,11 +12,11 @@ import keras
 import numpy as np
 from keras import ops
 
-from tinyrobust import attacks, export, quantizers
+from tinyrobust import attacks, export, quantizers, seeding
 from tinyrobust.validation import check_number
 
 __all__ = ["JacobianWeightScheduler", "EpsilonScheduler", "QuantizationNoiseScheduler", "RobustAccuracy", "TFLiteExport",
-           "StopOnNonFiniteLoss"]
+           "StopOnNonFiniteLoss", "SeedEachEpoch"]
 
 
 def _ramp(epoch, start_epoch, ramp_epochs, start, end):
@@ -161,6 +161,33 @@ class RobustAccuracy(keras.callbacks.Callback):
         if logs is not None:
             logs[self.name] = self._last
 
+
+
+class SeedEachEpoch(keras.callbacks.Callback):
+    """Starts every epoch from random states that depend only on the seed and the epoch number.
+
+    At the start of epoch e it sets every `keras.random.SeedGenerator` the model
+    tracks (quantization noise, dropout, adversarial starts, Jacobian
+    projections) and, when given, the epoch variable of the training data
+    (`tinyrobust.data.load(..., epoch=...)`) to e. With
+    `keras.callbacks.BackupAndRestore`, which restores weights and optimizer,
+    a run interrupted at any point and rerun ends bit for bit like an
+    uninterrupted one (on CPU).
+
+    Args:
+        seed: the run's integer seed.
+        epoch: the data's scalar int64 `tf.Variable`, or None.
+    """
+
+    def __init__(self, seed, epoch=None):
+        super().__init__()
+        self.seed = check_number("seed", seed, low=0, integer=True)
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        seeding.reseed(self.model, self.seed, epoch)
+        if self.epoch is not None:
+            self.epoch.assign(epoch)
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):

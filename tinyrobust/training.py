@@ -197,12 +197,10 @@ class RobustModel(keras.Model):
             features = keras.Model(self.inputs, [self.outputs[0], *hidden], name=f"{self.name}_features")
         seed = None if self.jacobian is None else self.jacobian.seed
         attack_seed = None if self.adversary is None else self.adversary.seed
-        self._aux = _Untracked(
-            features=features,
-            projection_seed=keras.random.SeedGenerator(seed),
-            attack_seed=keras.random.SeedGenerator(attack_seed),
-            trackers=self._make_trackers(),
-        )
+        self._aux = _Untracked(features=features, trackers=self._make_trackers())
+        # Tracked, so that `tinyrobust.callbacks.SeedEachEpoch` finds them (their state is not saved).
+        self._projection_seed = keras.random.SeedGenerator(seed, name="projection_seed")
+        self._attack_seed = keras.random.SeedGenerator(attack_seed, name="attack_seed")
         if self.jacobian is not None and self.jacobian.hidden_layers:
             self._check_layers_reach_logits()
 
@@ -238,7 +236,7 @@ class RobustModel(keras.Model):
     def _adversarial_examples(self, x, y):
         adversary = self.adversary
         eps = adversary.epsilon * self.epsilon_scale
-        seed = self._aux.attack_seed
+        seed = self._attack_seed
         if adversary.method == "trades":
             clean = ops.stop_gradient(self(x, training=False))
             loss_fn = lambda z: kernels.kl_divergence(clean, self(z, training=False))  # noqa: E731
@@ -265,7 +263,7 @@ class RobustModel(keras.Model):
             logits, *hidden = outputs if isinstance(outputs, (list, tuple)) else [outputs]
         names = list(self.jacobian.layers)
         sources = [x if n == INPUT else hidden[self.jacobian.hidden_layers.index(n)] for n in names]
-        norms = jacobian_norms(tape, logits, sources, projections, seed=self._aux.projection_seed)
+        norms = jacobian_norms(tape, logits, sources, projections, seed=self._projection_seed)
         return logits, dict(zip(names, norms))
 
     def jacobian_penalty(self, terms):

@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tinyrobust import seeding
 from tinyrobust.data import audio, fashion_mnist, synthetic_kws, tfds_sets
 from tinyrobust.validation import check_choice, check_number
 
@@ -164,6 +165,7 @@ class _ImageAugmentation:
     """MLPerf Tiny's image augmentation: rotation up to 15 degrees, shifts up to 10%, horizontal flip."""
 
     def __init__(self, flip, seed):
+        self.seed = seed
         self.layers = [
             keras.layers.RandomRotation(15 / 360, fill_mode="nearest", seed=seed),
             keras.layers.RandomTranslation(0.1, 0.1, fill_mode="nearest", seed=seed + 1),
@@ -171,55 +173,88 @@ class _ImageAugmentation:
         if flip:
             self.layers.append(keras.layers.RandomFlip("horizontal", seed=seed + 2))
 
+    def start_epoch(self, epoch):
+        """Sets the layers' random states to the start of `epoch` (a scalar int64 tensor); returns the assignments."""
+        states = [state for layer in self.layers for state in seeding.seed_states(layer)]
+        return [state.assign(tf.stack([tf.constant(seeding.stream_seed(self.seed, "augment", i), tf.int64),
+                                       epoch * seeding.EPOCH_STRIDE]))
+                for i, state in enumerate(states)]
+
     def __call__(self, x):
         for layer in self.layers:
             x = layer(x, training=True)
         return x
 
 
-def load(name, split, batch_size=32, shuffle=None, seed=0, validation_fraction=0.1, limit=None, cache=True,
-         drop_remainder=False, augment=False):
-    """Loads a split as a batched `tf.data.Dataset` of `(x, y)`.
+def load(name, split, batch_size=32, shuffle=None, seed=0, validation_fraction=0.1, limit=None,
+         drop_remainder=False, augment=False, epoch=None):
+    """Loads a split as a batched `tf.data.Dataset` of `(x, y)`, held in memory.
+
+    Every pass over the dataset reads the epoch number once; its order and its
+    augmentation draws depend only on `seed` and that number. A run resumed at
+    epoch e therefore sees the same batches as an uninterrupted one, provided
+    the epoch variable is set at the start of each epoch
+    (`tinyrobust.callbacks.SeedEachEpoch` does it).
 
     Args:
         name: dataset name (see `NAMES`).
         split: "train", "validation" or "test".
         batch_size: examples per batch.
-        shuffle: shuffle every epoch with `seed`; defaults to True for "train".
+        shuffle: shuffle every pass; defaults to True for "train".
         seed: seed of the shuffling, the augmentation and the train/validation
             partition.
         validation_fraction: fraction of the training data held out.
         limit: keep the first `limit` examples, or None.
-        cache: cache the decoded examples in memory.
         drop_remainder: drop the last incomplete batch.
         augment: apply MLPerf Tiny's augmentation (images: rotation, shift,
             flip where valid; audio: background noise before the MFCCs).
+        epoch: a scalar int64 `tf.Variable` holding the number of the next
+            pass; each pass reads it and adds one. None: a variable of the
+            dataset's own, starting at 0 (every pass differs).
 
     Returns:
         A `tf.data.Dataset` yielding `(x, y)` batches, prefetched.
     """
     check_number("batch_size", batch_size, low=1, integer=True)
     dataset_info = info(name)
-    if augment and dataset_info.kind == "audio":
-        raw, y = load_raw(name, split, validation_fraction, limit, seed)
-        dataset = tf.data.Dataset.from_tensor_slices((raw, y))
+    audio_augment = augment and dataset_info.kind == "audio"
+    if audio_augment:
+        x, y = load_raw(name, split, validation_fraction, limit, seed)
     else:
         x, y = load_arrays(name, split, validation_fraction=validation_fraction, limit=limit, seed=seed)
-        dataset = tf.data.Dataset.from_tensor_slices((x, y))
-    if cache:
-        dataset = dataset.cache()
-    if split == "train" if shuffle is None else shuffle:
-        dataset = dataset.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
-    if augment:
-        if dataset_info.kind == "audio":
-            seeds = tf.data.Dataset.random(seed=seed).batch(2)
-            dataset = tf.data.Dataset.zip((dataset, seeds)).map(
-                lambda batch, s: (audio.mfcc(audio.add_background_noise(audio.to_float(batch[0]), s)), batch[1]),
-                num_parallel_calls=tf.data.AUTOTUNE)
-        else:
-            augmentation = _ImageAugmentation(dataset_info.flip, seed)
-            dataset = dataset.map(lambda x, y: (augmentation(x), y))
+    if epoch is None:
+        epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    elif not (isinstance(epoch, tf.Variable) and epoch.dtype == tf.int64 and epoch.shape.rank == 0):
+        raise ValueError(f"Expected a scalar int64 tf.Variable or None. Received: epoch={epoch!r}")
+    augmentation = _ImageAugmentation(dataset_info.flip, seed) if augment and not audio_augment else None
+    shuffle = split == "train" if shuffle is None else shuffle
+    order_seed = seeding.stream_seed(seed, "order")
+    x_all, y_all = tf.Variable(x, trainable=False), tf.Variable(y, trainable=False)
+
+    def start_pass(_):
+        current = epoch.assign_add(1) - 1
+        with tf.control_dependencies(augmentation.start_epoch(current) if augmentation is not None else []):
+            index = tf.range(len(y), dtype=tf.int64)
+            if shuffle:
+                index = tf.random.experimental.stateless_shuffle(index, seed=tf.stack([order_seed, current]))
+            return index, tf.fill([len(y)], current)
+
+    passes = tf.data.Dataset.from_tensors(0).map(start_pass).unbatch()
+    dataset = passes.batch(batch_size, drop_remainder=drop_remainder).enumerate()
+    dataset = dataset.map(lambda step, batch: (tf.gather(x_all, batch[0]), tf.gather(y_all, batch[0]),
+                                               tf.stack([step, batch[1][0]])))
+    if audio_augment:
+        noise_seed = seeding.stream_seed(seed, "noise")
+
+        def add_noise(clips, labels, step_epoch):
+            draw = tf.stack([noise_seed, step_epoch[1] * seeding.EPOCH_STRIDE + step_epoch[0]])
+            return audio.mfcc(audio.add_background_noise(audio.to_float(clips), draw)), labels
+
+        dataset = dataset.map(add_noise, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    elif augmentation is not None:
+        dataset = dataset.map(lambda images, labels, _: (augmentation(images), labels))
+    else:
+        dataset = dataset.map(lambda inputs, labels, _: (inputs, labels))
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
