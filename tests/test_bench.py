@@ -354,3 +354,94 @@ def test_a_second_run_into_a_busy_folder_stops_at_once(tmp_path):
     (out / "file").write_text("x")
     with pytest.raises(ValueError, match="output folder is a file"):
         bench.run(config, out / "file", verbose=False)
+
+
+RESUMABLE = BASE.replace('options = { width = 4 }', 'options = { width = 4 }\njacobian = { input = 0.05, relu_1 = 0.01 }\n'
+                         'adversary = { method = "pgd", epsilon = 0.05, steps = 2 }') + """
+[train]
+epochs = 3
+limit = 96
+batch_size = 32
+augment = true
+[export]
+enabled = false
+"""
+
+
+@pytest.mark.parametrize("stop_at", [(1, 1), (2, 0)], ids=["mid-epoch", "epoch-boundary"])
+def test_a_killed_run_resumes_bit_for_bit(tmp_path, monkeypatch, stop_at):
+    import keras
+    import numpy as np
+
+    from tinyrobust.bench import runner
+
+    config = bench.load(_write(tmp_path, RESUMABLE))
+    (spec,) = config["models"]
+    reference, _ = runner.train(config, spec, tmp_path / "whole", verbose=False)
+
+    class Killed(Exception):
+        pass
+
+    original = tr.callbacks.StopOnNonFiniteLoss.on_train_batch_begin
+
+    def kill(self, batch, logs=None):  # the process dies at (epoch, batch)
+        if (self._epoch, batch) == stop_at:
+            raise Killed
+        return original(self, batch, logs)
+
+    monkeypatch.setattr(tr.callbacks.StopOnNonFiniteLoss, "on_train_batch_begin", kill)
+    with pytest.raises(Killed):
+        runner.train(config, spec, tmp_path / "resumed", verbose=False)
+    assert not (tmp_path / "resumed" / "models" / "m.keras").exists()
+    monkeypatch.setattr(tr.callbacks.StopOnNonFiniteLoss, "on_train_batch_begin", original)
+    keras.utils.set_random_seed(123)  # a new process: other global random state
+    resumed, _ = runner.train(config, spec, tmp_path / "resumed", verbose=False)
+    assert len(resumed.weights) == len(reference.weights)
+    for a, b in zip(reference.weights, resumed.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+
+
+def test_artifacts_are_reused_only_with_the_settings_that_made_them(tmp_path, capsys):
+    small = BASE + "\n[train]\nlimit = 64\n[export]\nenabled = false\n"
+    out = tmp_path / "run"
+    (first,) = bench.run(bench.load(_write(tmp_path, small)), out)
+    assert first["settings"]["model_settings"]["train"]["limit"] == 64 and len(first["fingerprint"]) == 16
+    trained = (out / "models" / "m.keras").stat().st_mtime_ns
+    capsys.readouterr()
+
+    # Other epsilons: the model is reused, the result is redone (never reported under the new settings).
+    (second,) = bench.run(bench.load(_write(tmp_path, small.replace("[0.05]", "[0.1]"))), out)
+    printed = capsys.readouterr().out
+    assert "m__linf.json came from other settings (threat_model.epsilons: [0.05] -> [0.1]" in printed
+    assert (out / "models" / "m.keras").stat().st_mtime_ns == trained and "Epoch" not in printed
+    assert list(second["robust_accuracy"]["fgsm"]) == ["0.1"] and second["fingerprint"] != first["fingerprint"]
+
+    # Another recipe: the trained model would be wrong; the run stops before any work, naming the change.
+    before = (out / "experiment.json").read_text()
+    longer = small.replace("limit = 64", "limit = 64\nepochs = 2")
+    with pytest.raises(bench.ExperimentError, match=r"(?s)models/m.keras: train.epochs: 1 -> 2.*--fresh"):
+        bench.run(bench.load(_write(tmp_path, longer)), out)
+    assert (out / "experiment.json").read_text() == before
+    assert cli.main(["bench", str(_write(tmp_path, longer)), "--out", str(out), "--quiet"]) == 2
+    assert "--fresh" in capsys.readouterr().err
+
+    # An unfinished training of other settings is work too; --fresh deletes it and starts over.
+    (out / "checkpoints" / "m").mkdir(parents=True)
+    with pytest.raises(bench.ExperimentError, match="checkpoints/m .unfinished training.: no record"):
+        bench.run(bench.load(_write(tmp_path, longer)), out)
+    assert cli.main(["bench", str(_write(tmp_path, longer)), "--out", str(out), "--quiet", "--fresh"]) == 0
+    (third,) = results_lib.read_all(out)
+    assert third["settings"]["model_settings"]["train"]["epochs"] == 2
+    assert not (out / "checkpoints" / "m").exists()
+
+    # Tables and comparisons flag results that do not come from the same settings.
+    other = json.loads(json.dumps(third))
+    other["model"]["name"] = "m2"
+    other["settings"]["model_settings"]["train"]["epochs"] = 1
+    assert "- m2 (seed 0) vs m: train.epochs: 2 -> 1" in bench.table([third, other])
+    assert "Mixed settings" not in bench.table([third])
+    legacy = {k: v for k, v in third.items() if k not in ("settings", "fingerprint")}
+    assert "records no settings" in bench.table([third, legacy])
+    other["model"]["name"] = "m"
+    assert "- linf: train.epochs: 2 -> 1" in bench.compare([third], [other])
+    assert "Settings differ" not in bench.compare([third], [third])

@@ -27,7 +27,7 @@ def _bench(args):
     out = pathlib.Path(args.out or pathlib.Path("runs") / config["name"] / (args.profile or "base"))
     command = shlex.join(["tinyrobust", *args.argv])  # quoted: it can be pasted into a shell
     start = time.perf_counter()
-    bench.run(config, out, command=command, verbose=not args.quiet)
+    bench.run(config, out, command=command, verbose=not args.quiet, fresh=args.fresh)
     print("\n" + (out / "report.md").read_text())
     print(f"Results: {out / 'results'}  Report: {out / 'report.md'}  Plots: {out / 'plots'}  "
           f"({time.perf_counter() - start:.0f} s)")
@@ -37,6 +37,7 @@ def _bench(args):
 def _demo(args):
     args.experiment = str(EXPERIMENTS / "fashion_mnist_tiny.toml")
     args.argv = ["bench", args.experiment, "--profile", args.profile] + (["--out", args.out] if args.out else [])
+    args.argv += ["--fresh"] if args.fresh else []
     return _bench(args)
 
 
@@ -95,6 +96,8 @@ def build_parser():
     bench.add_argument("--models", default=None,
                        help="comma-separated model names to run (default: all), e.g. the teacher stage on one "
                             "machine and the students on another, from <out>/models/<teacher>.keras")
+    bench.add_argument("--fresh", action="store_true", help="delete the earlier work of these models in the output folder and start them over (needed when "
+                            "models or checkpoints there were trained with other settings)")
     bench.set_defaults(run=_bench)
     demo = commands.add_parser("demo", help="the fashion_mnist_tiny experiment: float vs STQ vs STQ+JR under FGSM, "
                                             "PGD and the autoattack-fast suite, exported to TFLite Micro and attacked "
@@ -102,6 +105,8 @@ def build_parser():
     demo.add_argument("--profile", default="demo", help="profile of experiments/fashion_mnist_tiny.toml")
     demo.add_argument("--out", default=None)
     demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--fresh", action="store_true", help="delete the earlier work of these models in the output folder and start them over (needed when "
+                            "models or checkpoints there were trained with other settings)")
     demo.set_defaults(run=_demo)
     report = commands.add_parser("report", help="rebuild report.md and plots from the result JSON files in FOLDER")
     report.add_argument("folder")

@@ -8,7 +8,7 @@ Schema (version 1) of `results/<model>__<norm>.json`:
   `adversary` (table or null), `distill` (the student's `{teacher, method, ...}`
   or null), `exits` and `neokd` (the multi-exit tables or null), `params`,
   `int8_bytes`, `packed_bytes`
-  (from `tinyrobust.summary`), `bits` ({layer: {weight: bits}}),
+  (from `tinyrobust.summary`), `bits` ({layer: weight bits}),
 - `threat_model`: `norm`, `epsilons`, `examples`,
 - `clean_accuracy` (float), `robust_accuracy` ({attack: {eps: accuracy}}),
   `worst_case` ({eps: accuracy over all attacks, never rising with eps}),
@@ -36,6 +36,13 @@ Schema (version 1) of `results/<model>__<norm>.json`:
   results written before the shared example set lack `worst_case` and have
   `keras_accuracy` / `clean_accuracy` from the parity set,
 - `wall_time_s`: {"train", "evaluate", "export"},
+- `settings` and `fingerprint` (results written before fingerprints lack
+  them; `report` and `compare` flag them): exactly the settings that produced
+  the result (`model` fingerprint, `threat_model`, `export`, `versions` of the
+  packages that change numbers, and `model_settings`: dataset, seed, train
+  recipe, the model's experiment entry, its teacher's fingerprint) and the
+  hash of all but `model_settings` (`tinyrobust.bench.fingerprints`); the
+  `deployed` record carries the same `fingerprint`,
 - `multi_exit` (optional; null or absent for single-exit models): for a
   multi-exit model, whose other fields describe its final exit (attacks,
   checks and the deployed artifact see only the final exit; sizes include
@@ -237,11 +244,33 @@ def table(results):
                           f"worst: per example over clean and every deployed attack."]
         if flagged:
             lines += ["", "Honest-evaluation flags:", *flagged]
+        mixed = mixed_settings(rows)
+        if mixed:
+            lines += ["", "Mixed settings: these rows do not all come from the same experiment settings (rerun "
+                          "them into one folder):", *mixed]
         sections.append("\n".join(lines))
         multi = [r for r in rows if r.get("multi_exit")]
         if multi:
             sections.append(_multi_exit_table(multi, epsilons, seeds))
     return "\n\n".join(sections) + "\n"
+
+
+def mixed_settings(results):
+    """Lines naming each result whose shared settings (everything but its model and seed) differ from the
+    first result's, or that records no settings; empty when all agree."""
+    from tinyrobust.bench import fingerprints
+
+    first, lines = results[0], []
+    reference = fingerprints.shared_settings(first)
+    for result in results:
+        label = f"{result['model']['name']} (seed {result['seed']})"
+        if "fingerprint" not in result:
+            lines.append(f"- {label}: records no settings (written before fingerprints); rerun it")
+        elif result is not first:
+            changed = fingerprints.changes(reference, fingerprints.shared_settings(result))
+            if changed:
+                lines.append(f"- {label} vs {first['model']['name']}: " + "; ".join(changed[:4]))
+    return lines
 
 
 def _multi_exit_table(rows, epsilons, seeds):
@@ -340,7 +369,10 @@ def _averaged(results):
 
 
 def compare(results_a, results_b):
-    """A Markdown table of two result sets side by side (matched by model and threat model; seeds averaged)."""
+    """A Markdown table of two result sets side by side (matched by model and threat model; seeds averaged),
+    followed by the settings (training, threat model, export, versions) in which the two sets differ."""
+    from tinyrobust.bench import fingerprints
+
     index_a, index_b = _averaged(results_a), _averaged(results_b)
     lines = ["| model | norm | metric | A | B | B - A |", "| --- | --- | --- | --- | --- | --- |"]
     for (model, norm), a in index_a.items():
@@ -354,4 +386,14 @@ def compare(results_a, results_b):
             lines.append(f"| {model} | {norm} | {name} | {_percent(va)} | {_percent(vb)} | {delta} |")
     if len(lines) == 2:
         raise ValueError("The two result sets share no (model, threat model) pair")
+    differing = []
+    for norm in sorted({r["threat_model"]["norm"] for r in results_a}):
+        a = [r for r in results_a if r["threat_model"]["norm"] == norm]
+        b = [r for r in results_b if r["threat_model"]["norm"] == norm]
+        if b:
+            changed = fingerprints.changes(fingerprints.shared_settings(a[0]), fingerprints.shared_settings(b[0]))
+            differing += [f"- {norm}: {line}" for line in changed if not line.startswith(("experiment:", "profile:"))]
+    if differing:
+        lines += ["", "Settings differ between A and B (beyond the experiment and profile), so differences may not "
+                      "come from the models alone:", *differing]
     return "\n".join(lines) + "\n"

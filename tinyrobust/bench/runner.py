@@ -11,11 +11,13 @@ import warnings
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from tinyrobust import attacks, callbacks, data, distill, export, models, multiexit
 from tinyrobust.attacks.base import labels_of, predict
+from tinyrobust.bench import fingerprints
 from tinyrobust.bench import results as results_lib
-from tinyrobust.bench.config import build_attack, build_suite
+from tinyrobust.bench.config import ExperimentError, build_attack, build_suite
 from tinyrobust.footprint import summary
 from tinyrobust.jacobian import JacobianRegularizer
 from tinyrobust.training import AdversarialTraining, RobustModel
@@ -33,7 +35,7 @@ def versions():
 
     return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
             "qkeras": getattr(qkeras, "__version__", "unknown"), "numpy": np.__version__,
-            "tinyrobust": tinyrobust.__version__}
+            "tinyrobust": tinyrobust.__version__, "tflite_micro": export.compress.TFLITE_MICRO_VERSION}
 
 
 def _reusable(path, read=None):
@@ -50,6 +52,71 @@ def _reusable(path, read=None):
         warnings.warn(f"{path} is corrupt ({type(error).__name__}: {str(error)[:200]}); it is redone.", stacklevel=2)
         path.unlink()
         return None
+
+
+def _model_settings(config, spec, out):
+    """The settings that decide the trained model `spec` (its teacher's fingerprint included)."""
+    teacher = None
+    if spec.get("distill"):
+        name = spec["distill"]["teacher"]
+        if name.endswith(".keras"):
+            teacher = "sha256:" + fingerprints.file_digest(pathlib.Path(name))
+        else:
+            record = _reusable(out / "models" / f"{name}.train.json")
+            if record is not None and "fingerprint" in record:
+                teacher = record["fingerprint"]
+            else:
+                teacher_spec = next((m for m in config["models"] if m["name"] == name), None)
+                if teacher_spec is not None:
+                    teacher = fingerprints.fingerprint(_model_settings(config, teacher_spec, out))
+    return fingerprints.model_settings(config, spec, versions(), teacher)
+
+
+def _check_earlier_work(config, out):
+    """Stops before any work when `out` holds trained models or training checkpoints made with other settings.
+
+    Raises:
+        ExperimentError: naming each artifact and the settings that changed.
+    """
+    problems = []
+    for spec in config["models"]:
+        settings = _model_settings(config, spec, out)
+        expected = fingerprints.fingerprint(settings)
+        name = spec["name"]
+        candidates = []
+        if (out / "models" / f"{name}.keras").is_file():
+            candidates.append((f"models/{name}.keras", out / "models" / f"{name}.train.json"))
+        if (out / "checkpoints" / name).is_dir():
+            candidates.append((f"checkpoints/{name} (unfinished training)", out / "checkpoints" / name / "settings.json"))
+        for label, record_path in candidates:
+            record = _reusable(record_path) or {}
+            if record.get("fingerprint") != expected:
+                changed = fingerprints.changes(record.get("settings"), settings)
+                problems.append(f"  {label}: " + "; ".join(changed[:6]) + (" ..." if len(changed) > 6 else ""))
+    if problems:
+        raise ExperimentError(
+            f"{str(out)!r} holds work done with other settings:\n" + "\n".join(problems) + "\n"
+            "Rerun with --fresh to delete it and start these models over, or use another --out. "
+            f"Received: out_dir={str(out)!r}")
+
+
+def _delete_earlier_work(config, out, say):
+    """`--fresh`: removes every artifact of the experiment's models from `out` (other models' files stay)."""
+    import shutil
+
+    for spec in config["models"]:
+        name = spec["name"]
+        stem = name.replace("-", "_")
+        doomed = [out / "checkpoints" / name, *(out / "models").glob(f"{name}.*"),
+                  *(out / "results").glob(f"{name}__*.json"), *(out / "export").glob(f"{stem}.*"),
+                  *(out / "export").glob(f"{name}__*")]
+        for path in doomed:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        if doomed:
+            say(f"{name}: earlier work deleted (--fresh)")
 
 
 class _Say:
@@ -104,14 +171,19 @@ def train(config, spec, out, verbose=True):
     """Trains one model, or loads it when `out/models/<name>.keras` exists.
 
     Interrupted training resumes from the last finished epoch
-    (`keras.callbacks.BackupAndRestore` in `out/checkpoints/<name>`).
+    (`keras.callbacks.BackupAndRestore` in `out/checkpoints/<name>`); every
+    epoch's randomness depends only on the seed and its number
+    (`callbacks.SeedEachEpoch`), so the resumed run ends bit for bit like an
+    uninterrupted one.
 
     Returns:
         (model, seconds spent training in this call).
     """
     path = out / "models" / f"{spec['name']}.keras"
+    settings = _model_settings(config, spec, out)
+    record = {"settings": settings, "fingerprint": fingerprints.fingerprint(settings)}
     model = _reusable(path, keras.saving.load_model)
-    if model is not None:
+    if model is not None:  # its settings were checked before any work (`_check_earlier_work`)
         return model, 0.0
     dataset_info = data.info(config["dataset"])
     recipe = config["train"]
@@ -127,14 +199,19 @@ def train(config, spec, out, verbose=True):
     else:
         model.compile(optimizer=keras.optimizers.Adam(recipe["learning_rate"]),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     train_data = data.load(config["dataset"], "train", batch_size=recipe["batch_size"], seed=config["seed"],
                            limit=recipe["limit"], augment=recipe["augment"],
-                           validation_fraction=recipe["validation_fraction"])
+                           validation_fraction=recipe["validation_fraction"], epoch=epoch)
     if exits:  # one copy of the labels per exit
         train_data = train_data.map(lambda x, y: (x, (y,) * exits))
     start = time.perf_counter()
-    backup = keras.callbacks.BackupAndRestore(str(out / "checkpoints" / spec["name"]))
-    model.fit(train_data, epochs=recipe["epochs"], callbacks=[backup, callbacks.StopOnNonFiniteLoss()], shuffle=False,
+    checkpoints = out / "checkpoints" / spec["name"]
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    (checkpoints / "settings.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    backup = keras.callbacks.BackupAndRestore(str(checkpoints))
+    steps = [backup, callbacks.SeedEachEpoch(config["seed"], epoch), callbacks.StopOnNonFiniteLoss()]
+    model.fit(train_data, epochs=recipe["epochs"], callbacks=steps, shuffle=False,
               verbose=1 if verbose and sys.stdout.isatty()
               else 2 if verbose else 0)
     seconds = time.perf_counter() - start
@@ -145,30 +222,35 @@ def train(config, spec, out, verbose=True):
     if isinstance(model, multiexit.NEOKD):
         model = model.network
     model.save(partial)
+    # The record first: a model file is never without the settings that made it.
+    (out / "models" / f"{spec['name']}.train.json").write_text(
+        json.dumps({"seconds": seconds, **record}, indent=2, default=str) + "\n")
     partial.replace(path)
-    (out / "models" / f"{spec['name']}.train.json").write_text(json.dumps({"seconds": seconds}) + "\n")
     return model, seconds
 
 
-def _deployed(config, spec, model, attacked, cascade, out, x, y, threat, say):
+def _deployed(config, spec, model, attacked, cascade, out, x, y, threat, say, model_fingerprint, fingerprint):
     """Exports the model (compressed when `[export] compress`) and evaluates the shipped TFLite Micro artifact
     (clean, transfer, Square, HopSkipJump); `attacked` is the model's attack view (`fold_quantized_weights`),
-    `cascade` the threat model's suite or None."""
+    `cascade` the threat model's suite or None; the export and the record are reused only when their
+    fingerprints match `model_fingerprint` (the export's) and `fingerprint` (the result's)."""
     settings = config["export"]
     record_path = out / "export" / f"{spec['name']}__{threat['norm']}.deployed.json"
     record = _reusable(record_path)
-    if record is not None and record.get("compress") == settings["compress"] and "worst_case" in record:
+    if record is not None and record.get("fingerprint") == fingerprint:
         return record
     name = spec["name"].replace("-", "_")
     parity_path = out / "export" / f"{name}.parity.json"
     parity = _reusable(parity_path)
-    if parity is None or (parity.get("compression") is None) == settings["compress"]:
+    export_settings = fingerprints.export_settings(config, model_fingerprint, versions())
+    if parity is None or parity.get("fingerprint") != fingerprints.fingerprint(export_settings):
         calibration, indices = data.calibration_set(config["dataset"], size=settings["calibration_size"],
                                                     seed=config["seed"])
         x_parity, y_parity = data.load_arrays(config["dataset"], "test", limit=settings["parity_examples"])
+        provenance = {"calibration_split": "train", "calibration_indices": [int(i) for i in indices],
+                      "settings": export_settings, "fingerprint": fingerprints.fingerprint(export_settings)}
         export.export_and_verify(model, out / "export", name, calibration, (x_parity, y_parity), runtimes=("tflm",),
-                                 record={"calibration_split": "train", "calibration_indices": [int(i) for i in indices]},
-                                 verbose=say.verbose, compress=settings["compress"])
+                                 record=provenance, verbose=say.verbose, compress=settings["compress"])
     parity = json.loads(parity_path.read_text())
     deployed = export.TFLiteModel(out / "export" / f"{name}.tflite")
     n = min(settings["deployed_examples"], len(x))
@@ -219,7 +301,7 @@ def _deployed(config, spec, model, attacked, cascade, out, x, y, threat, say):
               "parity_examples": parity["examples"], "agreement": parity["agreement"]["tflm"],
               "max_logit_difference": parity["max_logit_difference"]["tflm"],
               "parity_keras_accuracy": parity["accuracy"]["keras"], "parity_clean_accuracy": parity["accuracy"]["tflm"],
-              "calibration_indices_sha": _digest(parity["calibration_indices"])}
+              "calibration_indices_sha": _digest(parity["calibration_indices"]), "fingerprint": fingerprint}
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -277,23 +359,35 @@ def _footprint(model):
     return footprint, bits
 
 
-def run(config, out_dir, command="", verbose=True):
+def run(config, out_dir, command="", verbose=True, fresh=False):
     """Runs a validated experiment (see `tinyrobust.bench.config.load`).
 
-    Each step is skipped when its output exists, so an interrupted run resumes
-    where it stopped: trained models (`models/`), deployed-model evaluations
-    (`export/`) and result files (`results/`). With several seeds
-    (`seed = [0, 1, 2]`), each seed runs in `out_dir/seed_<seed>/` and the
-    report gives the mean and standard deviation over seeds.
+    Every artifact records the settings that produced it and their
+    fingerprint (`tinyrobust.bench.fingerprints`). A step is skipped when its
+    output exists with the current settings, so an interrupted run resumes
+    where it stopped: trained models (`models/`, and unfinished training in
+    `checkpoints/`), exports and deployed-model evaluations (`export/`) and
+    result files (`results/`). Exports, deployed evaluations and results made
+    with other settings are redone; trained models and checkpoints made with
+    other settings stop the run before any work (`fresh=True` deletes them).
+    With several seeds (`seed = [0, 1, 2]`), each seed runs in
+    `out_dir/seed_<seed>/` and the report gives the mean and standard
+    deviation over seeds.
 
     Args:
         config: the experiment dict.
         out_dir: output folder.
         command: the command line, recorded in every result.
         verbose: print progress.
+        fresh: delete every artifact of the experiment's models in `out_dir`
+            first and start them over.
 
     Returns:
         The list of result dicts (one per seed, model and threat model).
+
+    Raises:
+        ExperimentError: `out_dir` holds models or checkpoints trained with
+            other settings (and `fresh` is False).
     """
     say = _Say(verbose)
     out = pathlib.Path(out_dir)
@@ -304,8 +398,15 @@ def run(config, out_dir, command="", verbose=True):
     except OSError as error:
         raise ValueError(f"Cannot create the output folder ({error.strerror}). Received: out_dir={str(out)!r}") from None
     with _lock(out):
-        (out / "experiment.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         seeds = config.get("seeds", [config["seed"]])
+        folders = {seed: out if len(seeds) == 1 else out / f"seed_{seed}" for seed in seeds}
+        for seed, folder in folders.items():  # before any work
+            seeded = {**config, "seed": seed, "seeds": [seed]}
+            if fresh:
+                _delete_earlier_work(seeded, folder, say)
+            else:
+                _check_earlier_work(seeded, folder)
+        (out / "experiment.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         all_results = []
         for seed in seeds:
             if len(seeds) == 1:
@@ -377,6 +478,19 @@ def _with_earlier_results(results, out, config, seeds):
     return sorted(results + earlier, key=lambda r: order.index(r["model"]["name"]))
 
 
+def _reused_result(path, settings, say):
+    """The result file at `path` when it was made with `settings`, else None (it is redone)."""
+    result = _reusable(path)
+    if result is None:
+        return None
+    if result.get("fingerprint") != fingerprints.fingerprint(settings):
+        changed = fingerprints.changes({k: v for k, v in (result.get("settings") or {}).items() if k != "model_settings"}
+                                       if result.get("settings") else None, settings)
+        say(f"{path.name} came from other settings ({'; '.join(changed[:4])}); it is redone")
+        return None
+    return result
+
+
 def _run_seed(config, out, command, say):
     """Trains, attacks and exports every model with one seed; returns the result dicts."""
     verbose = say.verbose
@@ -386,9 +500,14 @@ def _run_seed(config, out, command, say):
     x_test, y_test = data.load_arrays(config["dataset"], "test", limit=examples)
     all_results = []
     for spec in config["models"]:
-        existing = {n: _reusable(out / "results" / f"{spec['name']}__{n}.json") for n in config["threat_models"]}
+        model_settings = _model_settings(config, spec, out)
+        model_fingerprint = fingerprints.fingerprint(model_settings)
+        settings = {n: fingerprints.result_settings(config, n, model_fingerprint, versions())
+                    for n in config["threat_models"]}
+        existing = {n: _reused_result(out / "results" / f"{spec['name']}__{n}.json", settings[n], say)
+                    for n in config["threat_models"]}
         if all(r is not None for r in existing.values()):
-            say(f"{spec['name']}: results exist, skipped")
+            say(f"{spec['name']}: results exist with these settings, skipped")
             all_results += list(existing.values())
             continue
         say(f"{spec['name']}: training {spec['architecture']} ({spec['quantization']}) on {config['dataset']}")
@@ -422,7 +541,8 @@ def _run_seed(config, out, command, say):
             deployed, export_seconds = None, None
             if config["export"]["enabled"]:
                 start = time.perf_counter()
-                deployed = _deployed(config, spec, model, attacked, cascade, out, x, y, threat, say)
+                deployed = _deployed(config, spec, model, attacked, cascade, out, x, y, threat, say, model_fingerprint,
+                                     fingerprints.fingerprint(settings[norm]))
                 export_seconds = time.perf_counter() - start
             multi_exit = None
             if network is not None:
@@ -451,6 +571,8 @@ def _run_seed(config, out, command, say):
                     "metric": "clean_accuracy", "target": target, "met": accuracy["clean"] >= target},
                 "deployed": deployed, "multi_exit": multi_exit,
                 "wall_time_s": {"train": train_seconds, "evaluate": evaluate_seconds, "export": export_seconds},
+                "settings": {**settings[norm], "model_settings": model_settings},
+                "fingerprint": fingerprints.fingerprint(settings[norm]),
             }
             results_lib.write(result, path)
             all_results.append(result)

@@ -1,0 +1,105 @@
+"""Fingerprints: exactly the settings that produced each artifact of a run, and a hash of them.
+
+Every artifact the runner writes (trained model, training checkpoint, result
+file, export, deployed evaluation) records its settings and their fingerprint.
+An artifact is reused only when its fingerprint equals the one the current
+experiment gives; `changes` names what differs.
+"""
+
+import hashlib
+import json
+
+__all__ = ["fingerprint", "changes", "file_digest", "model_settings", "export_settings", "result_settings", "shared_settings",
+           "NUMERIC_PACKAGES"]
+
+# Packages whose version can change a number (training, attacks, the int8 converter, the TFLM interpreter).
+NUMERIC_PACKAGES = ("tensorflow", "keras", "qkeras", "numpy", "tinyrobust")
+
+
+def _canonical(settings):
+    return json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def fingerprint(settings):
+    """The SHA-256 (16 hex digits) of the canonical JSON of `settings`."""
+    return hashlib.sha256(_canonical(settings).encode()).hexdigest()[:16]
+
+
+def _flat(value, prefix=""):
+    if isinstance(value, dict):
+        items = {}
+        for key, item in value.items():
+            items.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+        return items or {prefix: {}}
+    return {prefix: value}
+
+
+def changes(old, new):
+    """What differs between two settings dicts, one `key: old -> new` line per dotted key.
+
+    Args:
+        old: the recorded settings (None or not a dict: unknown).
+        new: the current settings.
+
+    Returns:
+        A list of strings, empty when the settings are equal.
+    """
+    if not isinstance(old, dict):
+        return ["no record of the settings that produced it"]
+    before, after = _flat(old), _flat(new)
+    lines = []
+    for key in sorted(set(before) | set(after), key=str):
+        if _canonical(before.get(key, "<unset>")) != _canonical(after.get(key, "<unset>")):
+            lines.append(f"{key}: {_canonical(before.get(key, '<unset>'))} -> {_canonical(after.get(key, '<unset>'))}")
+    return lines
+
+
+def _versions(versions, extra=()):
+    return {name: versions.get(name) for name in (*NUMERIC_PACKAGES, *extra)}
+
+
+def model_settings(config, spec, versions, teacher=None):
+    """The settings that decide a trained model.
+
+    Args:
+        config: the validated experiment.
+        spec: the model's entry in `config["models"]`.
+        versions: package versions (`runner.versions()`).
+        teacher: the fingerprint of the teacher model (distillation), or None.
+
+    Returns:
+        A JSON-serialisable dict.
+    """
+    return {"dataset": config["dataset"], "seed": config["seed"], "train": config["train"], "model": spec,
+            "teacher": teacher, "versions": _versions(versions)}
+
+
+def export_settings(config, model_fingerprint, versions):
+    """The settings that decide the exported files and their parity record."""
+    keys = ("compress", "calibration_size", "parity_examples")
+    return {"model": model_fingerprint, "export": {k: config["export"][k] for k in keys},
+            "versions": _versions(versions, ("tflite_micro",))}
+
+
+def result_settings(config, norm, model_fingerprint, versions):
+    """The settings that decide one result file (evaluation, and the deployed evaluation when exporting)."""
+    return {"model": model_fingerprint, "threat_model": {**config["threat_models"][norm], "norm": norm},
+            "export": config["export"], "versions": _versions(versions, ("tflite_micro",))}
+
+
+def shared_settings(result):
+    """The part of a result's settings that every result of one table must share (all but the model)."""
+    settings = result.get("settings") or {}
+    return {"experiment": result.get("experiment"), "profile": result.get("profile"), "dataset": result.get("dataset"),
+            "train": (settings.get("model_settings") or {}).get("train"),
+            "threat_model": settings.get("threat_model"), "export": settings.get("export"),
+            "versions": settings.get("versions")}
+
+
+def file_digest(path):
+    """The SHA-256 (16 hex digits) of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
