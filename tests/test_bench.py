@@ -226,7 +226,8 @@ def test_tfds_experiments_smoke_with_mock_data(tmp_path, name):
     import tensorflow_datasets as tfds
 
     config = bench.load(EXPERIMENTS / f"{name}.toml", profile="smoke")
-    with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
+    # 20 mock examples per split: the smoke profiles train on 16 (18 remain after the validation hold-out).
+    with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
         results = bench.run(config, tmp_path, command=f"test {name}", verbose=False)
     assert {(r["model"]["name"], r["threat_model"]["norm"]) for r in results} == {
         (m["name"], norm) for m in config["models"] for norm in config["threat_models"]}
@@ -445,3 +446,17 @@ def test_artifacts_are_reused_only_with_the_settings_that_made_them(tmp_path, ca
     other["model"]["name"] = "m"
     assert "- linf: train.epochs: 2 -> 1" in bench.compare([third], [other])
     assert "Settings differ" not in bench.compare([third], [third])
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("[export]\ncalibration_size = 100000000\n", "more examples than the train split holds .54,000.. "
+                                                 "Received: export.calibration_size=100000000"),
+    ("[export]\nparity_examples = 10001\n", "Received: export.parity_examples=10001"),
+    ("[export]\ndeployed_examples = 17\n", "more examples than a threat model evaluates .*16.*deployed_examples=17"),
+    ("[train]\nlimit = 54001\n", "Received: train.limit=54001"),
+])
+def test_sizes_beyond_their_split_are_refused_before_any_work(tmp_path, extra, message):
+    text = BASE + "\n" + extra
+    with pytest.raises(bench.ExperimentError, match=message):
+        bench.run(bench.load(_write(tmp_path, text)), tmp_path / "run", verbose=False)
+    assert not (tmp_path / "run" / "experiment.json").exists() and not (tmp_path / "run" / "models").exists()

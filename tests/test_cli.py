@@ -35,7 +35,7 @@ def test_recorded_command_is_shell_quoted(monkeypatch, tmp_path):
 
     seen = {}
 
-    def run(config, out, command, verbose):
+    def run(config, out, command, verbose, fresh):
         seen.update(command=command)
         out.mkdir(parents=True)
         (out / "report.md").write_text("report\n")

@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from tinyrobust import models
 from tinyrobust.attacks import kernels
 from tinyrobust.attacks.base import Attack
 from tinyrobust.training import input_adversary
@@ -50,7 +51,7 @@ def attach_exits(backbone, exit_layers, name=None):
         if len(features.shape) > 2:
             features = keras.layers.GlobalAveragePooling2D(name=f"exit_{i}_pool")(features)
         outputs.append(keras.layers.Dense(classes, name=f"exit_{i}")(features))
-    return keras.Model(backbone.inputs, [*outputs, backbone.outputs[0]], name=name or f"{backbone.name}_multiexit")
+    return keras.Model(models.inputs_of(backbone), [*outputs, backbone.outputs[0]], name=name or f"{backbone.name}_multiexit")
 
 
 def _layer_macs(layer):
@@ -70,7 +71,7 @@ def exit_macs(model):
     """
     seen, totals, total = set(), [], 0
     for output in model.outputs:
-        for layer in keras.Model(model.inputs, output).layers:
+        for layer in keras.Model(models.inputs_of(model), output).layers:
             if layer.name not in seen:
                 seen.add(layer.name)
                 total += _layer_macs(layer)

@@ -10,6 +10,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from tinyrobust import models
 from tinyrobust.attacks import kernels
 from tinyrobust.jacobian import INPUT, JacobianRegularizer, jacobian_norms
 from tinyrobust.validation import check_choice, check_number, check_range
@@ -169,7 +170,7 @@ class RobustModel(keras.Model):
                 "Expected a built functional or Sequential model with inputs and outputs. "
                 f"Received: model={getattr(model, 'name', model)!r}"
             )
-        return cls(model.inputs, model.outputs, jacobian=jacobian, adversary=adversary,
+        return cls(models.inputs_of(model), model.outputs, jacobian=jacobian, adversary=adversary,
                    name=name or f"robust_{model.name}")
 
     def configure(self, jacobian=None, adversary=None):
@@ -194,7 +195,7 @@ class RobustModel(keras.Model):
                 )
             hidden = [self.get_layer(n).output for n in self.jacobian.hidden_layers]
             # One forward pass gives the logits and every regularised activation.
-            features = keras.Model(self.inputs, [self.outputs[0], *hidden], name=f"{self.name}_features")
+            features = keras.Model(models.inputs_of(self), [self.outputs[0], *hidden], name=f"{self.name}_features")
         seed = None if self.jacobian is None else self.jacobian.seed
         attack_seed = None if self.adversary is None else self.adversary.seed
         self._aux = _Untracked(features=features, trackers=self._make_trackers())

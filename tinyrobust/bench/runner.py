@@ -72,6 +72,29 @@ def _model_settings(config, spec, out):
     return fingerprints.model_settings(config, spec, versions(), teacher)
 
 
+def _check_sizes(config):
+    """Every size the experiment asks for fits its split (nothing is silently cut to fit).
+
+    Raises:
+        ExperimentError: naming the key, its value and the split's size.
+    """
+    name, fraction = config["dataset"], config["train"]["validation_fraction"]
+    train = len(data.load_raw(name, "train", validation_fraction=fraction, seed=config["seed"])[1])
+    test = len(data.load_raw(name, "test")[1])
+    asked = [("train.limit", config["train"]["limit"], train, "the train split holds"),
+             ("export.calibration_size", config["export"]["calibration_size"], train, "the train split holds")]
+    asked += [(f"threat_models.{norm}.examples", threat["examples"], test, "the test split holds")
+              for norm, threat in config["threat_models"].items()]
+    if config["export"]["enabled"]:
+        asked.append(("export.parity_examples", config["export"]["parity_examples"], test, "the test split holds"))
+        fewest = min(threat["examples"] for threat in config["threat_models"].values())
+        asked.append(("export.deployed_examples", config["export"]["deployed_examples"], fewest,
+                      "a threat model evaluates (the deployed model is attacked on the first of those)"))
+    for key, value, size, what in asked:
+        if value is not None and value > size:
+            raise ExperimentError(f"`{key}` asks for more examples than {what} ({size:,}). Received: {key}={value}")
+
+
 def _check_earlier_work(config, out):
     """Stops before any work when `out` holds trained models or training checkpoints made with other settings.
 
@@ -253,7 +276,7 @@ def _deployed(config, spec, model, attacked, cascade, out, x, y, threat, say, mo
                                  record=provenance, verbose=say.verbose, compress=settings["compress"])
     parity = json.loads(parity_path.read_text())
     deployed = export.TFLiteModel(out / "export" / f"{name}.tflite")
-    n = min(settings["deployed_examples"], len(x))
+    n = settings["deployed_examples"]  # at most the threat model's examples (`_check_sizes`)
     x_d, y_d = x[:n], y[:n]
 
     epsilons = threat["epsilons"]
@@ -399,6 +422,7 @@ def run(config, out_dir, command="", verbose=True, fresh=False):
         raise ValueError(f"Cannot create the output folder ({error.strerror}). Received: out_dir={str(out)!r}") from None
     with _lock(out):
         seeds = config.get("seeds", [config["seed"]])
+        _check_sizes(config)
         folders = {seed: out if len(seeds) == 1 else out / f"seed_{seed}" for seed in seeds}
         for seed, folder in folders.items():  # before any work
             seeded = {**config, "seed": seed, "seeds": [seed]}
@@ -516,7 +540,7 @@ def _run_seed(config, out, command, say):
         train_seconds = train_record.get("seconds") if train_record else None
         network = None
         if spec.get("exits"):  # attacks, checks and export see the final exit; `multi_exit` covers every exit
-            network, model = model, keras.Model(model.inputs, model.outputs[-1], name=f"{spec['name']}_final")
+            network, model = model, keras.Model(models.inputs_of(model), model.outputs[-1], name=f"{spec['name']}_final")
         footprint, bits = _footprint(network or model)
         attacked = export.fold_quantized_weights(model)  # the same outputs, weight quantizers evaluated once
         for norm, threat in config["threat_models"].items():

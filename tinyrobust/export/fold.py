@@ -11,6 +11,7 @@ import keras
 import numpy as np
 
 from tinyrobust import layers as qlayers
+from tinyrobust import models
 from tinyrobust import quantizers
 
 _LINEAR_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
@@ -159,7 +160,7 @@ def fold_model(model):
         raise ValueError(f"Expected a functional Keras model. Received: model={type(model).__name__}")
     folded_into = _foldable_pairs(model)
     clone = keras.models.clone_model(
-        keras.Model(model.inputs, model.outputs, name=model.name),
+        keras.Model(models.inputs_of(model), model.outputs, name=model.name),
         clone_function=lambda layer: _plain_layer(layer, folded_into),
     )
     targets = {target.name: bn for bn, target in ((model.get_layer(n), t) for n, t in folded_into.items())}
@@ -207,7 +208,7 @@ def fold_quantized_weights(model):
             return layer._keras_base.from_config(_plain_config(layer))
         return layer.__class__.from_config(layer.get_config())
 
-    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    inputs = models.inputs_of(model)
     outputs = model.outputs[0] if len(model.outputs) == 1 else model.outputs  # the model's own output structure
     clone = keras.models.clone_model(keras.Model(inputs, outputs, name=model.name), clone_function=plain)
     for layer in model.layers:

@@ -31,3 +31,9 @@ def get(name, **kwargs):
 
 
 __all__ = ["BUILDERS", "LayerBuilder", "dscnn", "get", "mobilenet_v2", "resnet8", "small_cnn", "wide_resnet"]
+
+
+def inputs_of(model):
+    """The inputs to build a new functional model over `model`'s graph with: its input tensor when it has one
+    (so the new model is called with a tensor, as `model` is), else the list."""
+    return model.inputs[0] if len(model.inputs) == 1 else model.inputs
