@@ -83,6 +83,11 @@ def test_trained_stq_model_agrees_with_tflite_micro(tmp_path, trained_stq, capsy
     assert abs(report.accuracy["tflm"] - report.accuracy["keras"]) <= 0.01
     assert report.arena_bytes > 0 and "tflm" in report.to_table()
     json.dumps(report.to_dict())
+    column = export.verify(trained_stq, path, (x[:50], y[:50, None]), runtimes=("tflm",))  # keras.datasets' (N, 1)
+    assert column.accuracy == export.verify(trained_stq, path, (x[:50], y[:50]), runtimes=("tflm",)).accuracy
+    for bad, message in [(y[:49], "one label per input"), (y[:50] + 0.5, "integer"), (y[:50] + 10, "10")]:
+        with pytest.raises(ValueError, match=f"(?s){message}.*Received: y"):
+            export.verify(trained_stq, path, (x[:50], bad), runtimes=("tflm",))
 
 
 def test_tflite_model_quantizes_with_rounding_and_clipping(tmp_path):

@@ -94,6 +94,23 @@ def test_neokd_trains_and_logs_every_exit(network, attack):
     assert logs["loss"][-1] >= logs["ce"][-1]
 
 
+def test_neokd_takes_column_labels_like_flat_ones():  # keras.datasets gives labels of shape (N, 1)
+    x, y = tr.data.load_arrays("fashion_mnist", "train", limit=16)
+
+    def one_step(labels):
+        keras.utils.set_random_seed(0)
+        network = multiexit.attach_exits(tr.models.small_cnn(width=4), ["relu_1"])
+        model = multiexit.NEOKD(network, adversary=tr.AdversarialTraining("pgd", epsilon=0.05, steps=1), seed=0)
+        model.compile(optimizer="sgd")
+        logs = model.fit(x, labels, batch_size=16, epochs=1, verbose=0, shuffle=False).history
+        return logs, [np.asarray(w) for w in network.weights]
+
+    (flat_logs, flat), (column_logs, column) = one_step(y), one_step(y[:, None])
+    assert flat_logs == column_logs
+    for a, b in zip(flat, column):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("build, message", [
     (lambda n: multiexit.NEOKD(n, alpha=-1), "Received: alpha=-1"),
     (lambda n: multiexit.NEOKD(n, exit_weights=[1.0]), "Received: exit_weights="),

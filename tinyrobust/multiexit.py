@@ -362,7 +362,7 @@ class NEOKD(keras.Model):
 
     def train_step(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
-        x = ops.convert_to_tensor(x)
+        x, y = ops.convert_to_tensor(x), ops.reshape(y, (-1,))  # (N,) or (N, 1) labels
         # Every single-exit attack of the max-average attack starts from the same point.
         start = kernels.random_start(x, ops.cast(self.adversary.epsilon, x.dtype), self.adversary.norm,
                                      seed=self._attack_seed)
@@ -385,6 +385,7 @@ class NEOKD(keras.Model):
 
     def test_step(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        y = ops.reshape(y, (-1,))
         outputs = self.network(x, training=False)
         self._trackers["ce"].update_state(ops.mean(_average_ce(outputs, y)))
         for k, z in enumerate(outputs, start=1):

@@ -8,6 +8,7 @@ import numpy as np
 
 from tinyrobust.export.compress import is_compressed
 from tinyrobust.export.tflite import RUNTIMES, TFLiteModel, uncompressed_path
+from tinyrobust.validation import check_labels
 
 
 @dataclasses.dataclass
@@ -59,7 +60,7 @@ class ParityReport:
 def _arrays(data):
     if isinstance(data, tuple):
         x, y = data
-        return np.asarray(x, np.float32), None if y is None else np.asarray(y).reshape(-1)
+        return np.asarray(x, np.float32), y
     if hasattr(data, "as_numpy_iterator"):
         xs, ys = [], []
         for batch in data.as_numpy_iterator():
@@ -70,7 +71,7 @@ def _arrays(data):
                 xs.append(batch)
         if not xs:
             raise ValueError("Expected `data` to hold at least one example. Received: an empty dataset")
-        return np.concatenate(xs).astype(np.float32), np.concatenate(ys).reshape(-1) if ys else None
+        return np.concatenate(xs).astype(np.float32), np.concatenate(ys) if ys else None
     return np.asarray(data, np.float32), None
 
 
@@ -84,7 +85,7 @@ def verify(model, tflite_path, data, runtimes=("litert", "tflm"), verbose=False)
     Args:
         model: the Keras model that was exported.
         tflite_path: the `.tflite` file (or its bytes).
-        data: inputs, an `(x, y)` tuple, or a dataset of `(x, y)` batches.
+        data: inputs, an `(x, y)` tuple, or a dataset of `(x, y)` batches; labels of shape (N,) or (N, 1).
         runtimes: TFLite runtimes to compare ("litert", "tflm").
         verbose: show a progress bar per runtime.
 
@@ -100,6 +101,8 @@ def verify(model, tflite_path, data, runtimes=("litert", "tflm"), verbose=False)
     source = tflite_path if isinstance(tflite_path, (bytes, bytearray)) else pathlib.Path(tflite_path)
     compressed = is_compressed(source if isinstance(source, (bytes, bytearray)) else source.read_bytes())
     logits = {"keras": np.asarray(model.predict(x, batch_size=256, verbose=0))}
+    if y is not None:  # (N,) or (N, 1) integer labels, one per input, within the model's classes
+        y = check_labels(y, n=len(x), num_classes=logits["keras"].shape[-1])
     runners = {runtime: TFLiteModel(uncompressed_path(source) if compressed and runtime == "litert"
                                     and isinstance(source, pathlib.Path) else source, runtime=runtime)
                for runtime in runtimes}
