@@ -119,3 +119,24 @@ def test_presets_give_fresh_quantizers(name):
     a, b = preset.kernel_quantizer(), preset.kernel_quantizer()
     assert (a is None and b is None) or a is not b
     assert preset.is_float == (name == "float")
+
+
+@pytest.mark.parametrize("bits, integer", [(8, 0), (4, 0), (8, 3), (2, 1), (16, 4)])
+def test_quantized_relu_equals_qkeras_bit_for_bit_with_the_same_gradient(bits, integer):
+    import qkeras
+
+    rng = np.random.default_rng(0)
+    step = 2.0 ** (integer - bits)
+    top = 2.0**integer
+    x = np.concatenate([rng.normal(scale=top, size=4000), rng.uniform(-2 * top, 2 * top, size=4000),
+                        np.arange(-8, 2**bits + 8) * step, (np.arange(-8, 2**bits + 8) + 0.5) * step,  # grid, ties
+                        [0.0, -0.0, top - step, top, 1e-30, -1e-30, 1e30, -1e30]]).astype("float32")
+    ours, reference = quantizers.QuantizedReLU(bits, integer), qkeras.quantized_relu(bits=bits, integer=integer)
+    x_t = tf.constant(x)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x_t)
+        y_ours, y_reference = ours(x_t), reference(x_t)
+    np.testing.assert_array_equal(y_ours.numpy().view(np.uint32), y_reference.numpy().view(np.uint32))
+    np.testing.assert_array_equal(tape.gradient(y_ours, x_t).numpy(), tape.gradient(y_reference, x_t).numpy())
+    # Where x * 2**(bits - integer) overflows float32, qkeras gives NaN (inf - inf); we give the clip values.
+    np.testing.assert_array_equal(ours(tf.constant([3e38, -3e38])).numpy(), [top - step, 0.0])

@@ -322,6 +322,19 @@ class QuantizedBits(Quantizer):
         return config
 
 
+@ops.custom_gradient
+def _quantized_relu(x, scale, top_level):
+    """`clip(round(x * scale), 0, top_level) / scale` with the straight-through gradient 1 on (0, top_level / scale]."""
+    y = ops.clip(ops.round(x * scale), 0.0, top_level) / scale
+
+    def grad(*args, upstream=None):
+        upstream = args[0] if upstream is None else upstream
+        inside = ops.logical_and(x > 0.0, x <= top_level / scale)
+        return ops.where(inside, upstream, 0.0), None, None
+
+    return y, grad
+
+
 @_serializable
 class QuantizedReLU(Quantizer):
     """Unsigned fixed-point ReLU: qkeras' `quantized_relu`.
@@ -339,7 +352,6 @@ class QuantizedReLU(Quantizer):
         super().__init__(**kwargs)
         _check_bits(bits, integer)
         self.bits, self.integer = bits, integer
-        self._quantizer = qkeras.quantized_relu(bits=bits, integer=integer)
 
     @property
     def precision(self):
@@ -351,7 +363,11 @@ class QuantizedReLU(Quantizer):
         return 2.0**self.integer - 2.0 ** (self.integer - self.bits)
 
     def call(self, inputs, training=None, channel_axes=(-1,)):
-        return self._quantizer(ops.convert_to_tensor(inputs))
+        # qkeras' quantized_relu in eight elementwise ops instead of about fifteen, with the same values bit for
+        # bit (scaling by powers of two is exact, and so are its round-through and straight-through differences)
+        # and the same straight-through gradient (1 on (0, max], else 0). Tested against qkeras. Only where
+        # x * 2**(bits - integer) overflows float32 do they differ: qkeras gives NaN (inf - inf), this the clip.
+        return _quantized_relu(ops.cast(inputs, "float32"), 2.0 ** (self.bits - self.integer), 2.0**self.bits - 1.0)
 
     def get_config(self):
         config = super().get_config()
