@@ -204,12 +204,14 @@ def test_smoke_run_end_to_end_resumes_and_reports(tmp_path, capsys):
 
 def test_result_schema_rejects_broken_files():
     good = {
-        "schema_version": 1, "experiment": "e", "dataset": "d", "seed": 0, "command": "", "versions": {},
+        "schema_version": 1, "experiment": "e", "profile": None, "dataset": "d", "seed": 0, "command": "",
+        "versions": {},
         "model": {"name": "m", "architecture": "a", "quantization": "q", "params": 1, "int8_bytes": 1,
                   "packed_bytes": 1},
         "threat_model": {"norm": "linf", "epsilons": [0.1], "examples": 1}, "clean_accuracy": 0.5,
         "robust_accuracy": {"pgd": {"0.1": 0.2}}, "worst_case": {"0.1": 0.2}, "queries": {}, "attack_kinds": {},
-        "checks": {}, "wall_time_s": {}, "deployed": None, "quality_target": None,
+        "checks": {}, "wall_time_s": {"train": 1.0, "evaluate": 2.0, "export": None}, "deployed": None,
+        "quality_target": None,
     }
     results_lib.validate(good)
     with pytest.raises(ValueError, match="clean_accuracy"):
@@ -218,6 +220,25 @@ def test_result_schema_rejects_broken_files():
         results_lib.validate({**good, "robust_accuracy": {"pgd": {"0.2": 0.1}}})
     with pytest.raises(ValueError, match="missing `model`"):
         results_lib.validate({k: v for k, v in good.items() if k != "model"})
+    with pytest.raises(ValueError, match="missing `model.params`"):
+        results_lib.validate({**good, "model": {k: v for k, v in good["model"].items() if k != "params"}})
+    with pytest.raises(ValueError, match="Expected `model.bits.conv_1` of type int. Received: model.bits.conv_1="):
+        results_lib.validate({**good, "model": {**good["model"], "bits": {"conv_1": {"kernel": 2}}}})
+    with pytest.raises(ValueError, match=r"Unknown field\(s\) in `threat_model`: \['epsilon'\]"):
+        results_lib.validate({**good, "threat_model": {**good["threat_model"], "epsilon": 0.1}})
+    with pytest.raises(ValueError, match="Expected `deployed` to be an object"):
+        results_lib.validate({**good, "deployed": 5})
+
+
+def test_the_committed_json_schema_is_generated_from_the_typed_record():
+    from tinyrobust.bench import schema
+
+    assert json.loads(schema.SCHEMA_FILE.read_text()) == schema.json_schema()  # python -m tinyrobust.bench.schema
+    generated = schema.json_schema()
+    assert generated["properties"]["model"]["properties"]["bits"]["additionalProperties"] == {"type": "integer"}
+    assert "deployed" in generated["required"] and "multi_exit" not in generated["required"]
+    for path in EXPERIMENTS.parent.glob("benchmarks/results/*/results/*.json"):  # every committed result fits it
+        results_lib.validate(json.loads(path.read_text()))
 
 
 @pytest.mark.parametrize(

@@ -1,84 +1,27 @@
 """Result files: one JSON per (model, threat model), and the tables and plots built from them.
 
-Schema (version 1) of `results/<model>__<norm>.json`:
-
-- `schema_version` (int), `experiment` (str), `profile` (str or null),
-  `dataset` (str), `seed` (int), `command` (str), `versions` ({package: version}),
-- `model`: `name`, `architecture`, `quantization`, `jacobian` ({layer: weight}),
-  `adversary` (table or null), `distill` (the student's `{teacher, method, ...}`
-  or null), `exits` and `neokd` (the multi-exit tables or null), `params`,
-  `int8_bytes`, `packed_bytes`
-  (from `tinyrobust.summary`), `bits` ({layer: weight bits}),
-- `threat_model`: `norm`, `epsilons`, `examples`,
-- `clean_accuracy` (float), `robust_accuracy` ({attack: {eps: accuracy}}),
-  `worst_case` ({eps: accuracy over all attacks, never rising with eps}),
-  `queries` ({attack: {eps: mean}}); with a suite (`threat_models.<norm>.suite`)
-  `robust_accuracy` holds the suite's column (e.g. "autoattack") and one
-  column per stage ("autoattack/apgd-ce", ...: still robust after that stage),
-  `attack_kinds` ({attack: kind}), `checks` ({flag: message}; empty when clean),
-- `quality_target`: null, or `{"metric": "clean_accuracy", "target": t, "met": bool}`
-  (MLPerf Tiny's target for the model and data set),
-- `deployed`: null, or `model_bytes` (flash bytes of the shipped `.tflite`),
-  `arena_bytes` (its TFLite Micro arena), `compress` (the `[export] compress`
-  setting), `compressed` (whether the shipped file holds LUT-compressed
-  weights), `int8_model_bytes` and `int8_arena_bytes` (the plain int8 file),
-  `examples` (the first N test examples: every deployed number below is on
-  them), `keras_accuracy` and `clean_accuracy` (Keras and TFLite Micro, clean),
-  `robust_accuracy` ({"transfer"|"square"|"hopskipjump": {eps: accuracy}},
-  each ANDed with clean correctness), `worst_case` ({eps: accuracy}: per
-  example over clean and every deployed attack, never rising with eps),
-  `input_scale` (the int8 input step), `eps_in_input_steps` ({eps: eps /
-  input_scale}), `checks` ({flag: message} on the deployed model, e.g.
-  `eps_below_input_step`), `parity_examples`, `agreement`,
-  `max_logit_difference`, `parity_keras_accuracy` and `parity_clean_accuracy`
-  (on the parity set); results written before compression lack the
-  `compress*` and `int8_*` keys (their shipped file was the int8 one), and
-  results written before the shared example set lack `worst_case` and have
-  `keras_accuracy` / `clean_accuracy` from the parity set,
-- `wall_time_s`: {"train", "evaluate", "export"},
-- `settings` and `fingerprint` (results written before fingerprints lack
-  them; `report` and `compare` flag them): exactly the settings that produced
-  the result (`model` fingerprint, `threat_model`, `export`, `versions` of the
-  packages that change numbers, and `model_settings`: dataset, seed, train
-  recipe, the model's experiment entry, its teacher's fingerprint) and the
-  hash of all but `model_settings` (`tinyrobust.bench.fingerprints`); the
-  `deployed` record carries the same `fingerprint`,
-- `multi_exit` (optional; null or absent for single-exit models): for a
-  multi-exit model, whose other fields describe its final exit (attacks,
-  checks and the deployed artifact see only the final exit; sizes include
-  the exit heads): `exit_macs` (cumulative multiply-accumulates per exit),
-  `clean` (accuracy per exit), `attacks` ({"average"|"max_average": {eps:
-  [accuracy per exit]}}: `MultiExitPGD` on every exit), `early_exit`
-  ({"clean": {threshold: record}, "<attack>": {eps: {threshold: record}}},
-  record = `accuracy`, `relative_compute`, `average_macs` of
-  confidence-threshold early-exit inference).
+The format of `results/<model>__<norm>.json` is the typed record
+`tinyrobust.bench.schema.Result` (field types and meanings), from which its
+JSON Schema, `benchmarks/results/result.schema.json`, is generated.
 """
 
 import json
 import pathlib
 import warnings
 
+from tinyrobust.bench import schema
+
 SCHEMA_VERSION = 1
-_REQUIRED = {
-    "schema_version": int, "experiment": str, "dataset": str, "seed": int, "command": str, "versions": dict,
-    "model": dict, "threat_model": dict, "clean_accuracy": float, "robust_accuracy": dict, "worst_case": dict,
-    "queries": dict, "attack_kinds": dict, "checks": dict, "wall_time_s": dict,
-}
-_MODEL_KEYS = {"name", "architecture", "quantization", "params", "int8_bytes", "packed_bytes"}
 
 
 def validate(result):
-    """Raises ValueError naming the first field of `result` that breaks the schema."""
-    for key, kind in _REQUIRED.items():
-        if key not in result:
-            raise ValueError(f"Result is missing `{key}`")
-        if not isinstance(result[key], kind) or (kind is int and isinstance(result[key], bool)):
-            raise ValueError(f"Expected result `{key}` of type {kind.__name__}. Received: {key}={result[key]!r}")
+    """Raises ValueError naming the first field of `result` that breaks the format (`schema.Result`) or the
+    rules between fields (accuracies in [0, 1], one entry per eps); returns `result`."""
+    if not isinstance(result, dict):
+        raise ValueError(f"Expected a result object. Received: {type(result).__name__}")
+    schema.check(result)
     if result["schema_version"] != SCHEMA_VERSION:
         raise ValueError(f"Expected schema_version {SCHEMA_VERSION}. Received: schema_version={result['schema_version']}")
-    missing = _MODEL_KEYS - set(result["model"])
-    if missing:
-        raise ValueError(f"Result `model` is missing {sorted(missing)}")
     epsilons = [str(e) for e in result["threat_model"].get("epsilons", [])]
     for attack, per_eps in result["robust_accuracy"].items():
         if sorted(per_eps) != sorted(epsilons):
@@ -88,8 +31,6 @@ def validate(result):
                 raise ValueError(f"Accuracy out of [0, 1] in `robust_accuracy.{attack}`. Received: {value}")
     if not 0.0 <= result["clean_accuracy"] <= 1.0:
         raise ValueError(f"Accuracy out of [0, 1]. Received: clean_accuracy={result['clean_accuracy']}")
-    if "deployed" not in result or "quality_target" not in result:
-        raise ValueError("Result is missing `deployed` or `quality_target` (null when not measured)")
     if result.get("multi_exit") is not None:
         _validate_multi_exit(result["multi_exit"], epsilons)
     return result
