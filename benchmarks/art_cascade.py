@@ -43,12 +43,12 @@ EPSILONS = (0.05, 0.1)
 def tinyrobust_default(model, x, y, profile):
     """Worst case of the experiment profile's evaluation (configured attacks + its suite), per eps."""
     config = bench.load(EXPERIMENT, profile=profile)
-    threat = config["threat_models"]["linf"]
+    threat = config.threat_models["linf"]
     info = tr.data.info("fashion_mnist")
-    suite = {name: build_attack(spec, "linf", list(EPSILONS), info.input_range, config["seed"])
-             for name, spec in threat["attacks"].items()}
-    suite[threat["suite"]["name"]] = build_suite(threat["suite"], "linf", list(EPSILONS), info.input_range,
-                                                 info.num_classes, config["seed"])
+    suite = {name: build_attack(spec, "linf", list(EPSILONS), info.input_range, config.seed)
+             for name, spec in threat.attacks.items()}
+    suite[threat.suite["name"]] = build_suite(threat.suite, "linf", list(EPSILONS), info.input_range,
+                                              info.num_classes, config.seed)
     report = tr.attacks.robust_accuracy(model, (x, y), suite, verbose=False)
     return report.accuracy()
 

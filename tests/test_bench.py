@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import pathlib
 
@@ -120,9 +121,9 @@ threat_models.linf.attacks = { square = { type = "Square" }, pgd = { steps = 2 }
 threat_models.linf.attacks.apgd.steps = 2
 """
     path = _write(tmp_path, text + profiles)
-    assert bench.load(path, profile="replace")["threat_models"]["linf"]["attacks"] == {
+    assert bench.load(path, profile="replace").threat_models["linf"].to_dict()["attacks"] == {
         "square": {"type": "Square", "queries": 5}}
-    assert bench.load(path, profile="change")["threat_models"]["linf"]["attacks"] == {
+    assert bench.load(path, profile="change").threat_models["linf"].to_dict()["attacks"] == {
         "fgsm": {"type": "FGSM"}, "pgd": {"type": "PGD", "steps": 2}}
     with pytest.raises(bench.ExperimentError, match="profiles.mixed.threat_models.linf.attacks"):
         bench.load(path, profile="mixed")
@@ -137,7 +138,7 @@ def test_shipped_experiments_validate_in_every_profile(name):
     path = EXPERIMENTS / f"{name}.toml"
     for profile in [None, *tomllib.loads(path.read_text()).get("profiles", {})]:
         config = bench.load(path, profile=profile)
-        assert config["models"] and config["threat_models"]
+        assert config.models and config.threat_models
 
 
 def test_smoke_run_end_to_end_resumes_and_reports(tmp_path, capsys):
@@ -251,7 +252,7 @@ def test_tfds_experiments_smoke_with_mock_data(tmp_path, name):
     with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
         results = bench.run(config, tmp_path, command=f"test {name}", verbose=False)
     assert {(r["model"]["name"], r["threat_model"]["norm"]) for r in results} == {
-        (m["name"], norm) for m in config["models"] for norm in config["threat_models"]}
+        (m.name, norm) for m in config.models for norm in config.threat_models}
     for result in results:
         results_lib.validate(result)
         target = bench.QUALITY_TARGETS.get((result["dataset"], result["model"]["architecture"]))  # none for SVHN
@@ -268,7 +269,7 @@ def test_synthetic_kws_experiment_smoke(tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic_kws.read, "__defaults__", (synthetic_kws.Config(2, 1, 0),))
     config = bench.load(EXPERIMENTS / "synthetic_kws_dscnn.toml", profile="smoke")
     results = bench.run(config, tmp_path / "run", verbose=False)
-    assert len(results) == len(config["models"]) and all(r["quality_target"] is None for r in results)
+    assert len(results) == len(config.models) and all(r["quality_target"] is None for r in results)
 
 
 def test_two_stage_distillation_runs_its_stages_apart(tmp_path, capsys):
@@ -302,7 +303,7 @@ def test_two_stage_distillation_runs_its_stages_apart(tmp_path, capsys):
     text = (EXPERIMENTS / "fashion_mnist_ard.toml").read_text().replace(
         'teacher = "teacher"', f'teacher = "{tmp_path / "a" / "models" / "teacher.keras"}"')
     student_only = bench.select_models(bench.load(_write(tmp_path, text), profile="smoke"), ["stq_ard"])
-    student_only["export"]["enabled"] = False
+    student_only = dataclasses.replace(student_only, export=dataclasses.replace(student_only.export, enabled=False))
     results = bench.run(student_only, tmp_path / "d", verbose=False)
     assert [r["model"]["name"] for r in results] == ["stq_ard"]
     assert results[0]["model"]["distill"]["teacher"] == str(tmp_path / "a" / "models" / "teacher.keras")
@@ -335,7 +336,7 @@ def test_multi_exit_models_train_with_neokd_and_report_every_exit(tmp_path):
 def test_several_seeds_run_apart_and_report_mean_and_spread(tmp_path, capsys):
     text = "seed = [0, 1]\n" + BASE + "\n[train]\nlimit = 64\n[export]\nenabled = false\n"
     config = bench.load(_write(tmp_path, text))
-    assert config["seeds"] == [0, 1] and config["seed"] == 0
+    assert config.seeds == (0, 1) and config.seed == 0
     results = bench.run(config, tmp_path / "run", verbose=False)
     assert [r["seed"] for r in results] == [0, 1]
     assert sorted(p.parent.parent.name for p in (tmp_path / "run").rglob("results/*.json")) == ["seed_0", "seed_1"]
@@ -398,7 +399,7 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path, monkeypatch, stop_at):
     from tinyrobust.bench import runner
 
     config = bench.load(_write(tmp_path, RESUMABLE))
-    (spec,) = config["models"]
+    (spec,) = config.models
     reference, _ = runner.train(config, spec, tmp_path / "whole", verbose=False)
 
     class Killed(Exception):
@@ -481,3 +482,21 @@ def test_sizes_beyond_their_split_are_refused_before_any_work(tmp_path, extra, m
     with pytest.raises(bench.ExperimentError, match=message):
         bench.run(bench.load(_write(tmp_path, text)), tmp_path / "run", verbose=False)
     assert not (tmp_path / "run" / "experiment.json").exists() and not (tmp_path / "run" / "models").exists()
+
+
+def test_an_experiment_is_frozen_specs_whose_canonical_form_is_the_file(tmp_path):
+    config = bench.load(_write(tmp_path, BASE))
+    assert isinstance(config, bench.Experiment) and isinstance(config.models[0], bench.ModelSpec)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.models[0].name = "other"
+    with pytest.raises(TypeError):  # nested tables are read-only too
+        config.threat_models["linf"].attacks["fgsm"]["type"] = "PGD"
+    canonical = config.to_dict()
+    assert canonical["models"] == [{"name": "m", "architecture": "small_cnn", "quantization": "stq",
+                                    "options": {"width": 4}}]
+    assert canonical["threat_models"]["linf"]["epsilons"] == [0.05] and "norm" not in canonical["threat_models"]["linf"]
+    json.dumps(canonical)  # plain JSON
+    reseeded = config.with_seed(3)
+    assert (reseeded.seed, reseeded.seeds, config.seed) == (3, (3,), 0)
+    staged = bench.select_models(config, ["m"])
+    assert staged.defined_models == ("m",) and staged.model("m") is staged.models[0] and staged.model("x") is None

@@ -1,3 +1,5 @@
+import types
+
 import tinyrobust as tr
 from tinyrobust import cli
 
@@ -41,7 +43,7 @@ def test_recorded_command_is_shell_quoted(monkeypatch, tmp_path):
         (out / "report.md").write_text("report\n")
 
     monkeypatch.setattr(bench, "run", run)
-    monkeypatch.setattr(bench, "load", lambda path, profile=None: {"name": "x", "profile": profile})
+    monkeypatch.setattr(bench, "load", lambda path, profile=None: types.SimpleNamespace(name="x", profile=profile))
     out = tmp_path / "a b"
     assert cli.main(["bench", "my experiment.toml", "--out", str(out), "--quiet"]) == 0
     assert seen["command"] == f"tinyrobust bench 'my experiment.toml' --out '{out}' --quiet"

@@ -24,7 +24,7 @@ def _bench(args):
     config = bench.load(args.experiment, profile=args.profile)
     if getattr(args, "models", None):
         config = bench.select_models(config, [n.strip() for n in args.models.split(",") if n.strip()])
-    out = pathlib.Path(args.out or pathlib.Path("runs") / config["name"] / (args.profile or "base"))
+    out = pathlib.Path(args.out or pathlib.Path("runs") / config.name / (args.profile or "base"))
     command = shlex.join(["tinyrobust", *args.argv])  # quoted: it can be pasted into a shell
     start = time.perf_counter()
     bench.run(config, out, command=command, verbose=not args.quiet, fresh=args.fresh)

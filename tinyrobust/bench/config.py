@@ -7,7 +7,10 @@ tables are deep-merged over the base settings (smoke / quick / full, ...),
 except that a profile's `models` list replaces the base's, and so does a
 profile's attack suite when every entry in it names its `type` (entries
 without `type` only change parameters of the base's attacks).
-See `experiments/README.md` for the full key reference.
+See `experiments/README.md` for the full key reference. `load` checks
+everything by building every configured object (models against the data set,
+Jacobian layers against the built model, adversaries, attacks, suites, exits)
+and returns frozen specs (`tinyrobust.bench.specs`), which the runner reads.
 """
 
 import copy
@@ -17,6 +20,7 @@ import re
 import tomllib
 
 from tinyrobust import attacks, data, distill, models, quantizers
+from tinyrobust.bench.specs import Experiment
 from tinyrobust.validation import check_number
 
 ATTACKS = {
@@ -361,14 +365,21 @@ def select_models(config, names):
     The run's report also lists the other models' results found in `<out>`
     (`defined_models` keeps their order).
 
+    Args:
+        config: the `specs.Experiment`.
+        names: model names.
+
+    Returns:
+        A `specs.Experiment`.
+
     Raises:
         ExperimentError: a name the experiment does not define.
     """
-    known = [m["name"] for m in config["models"]]
+    known = [m.name for m in config.models]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise ExperimentError(f"Unknown model (defined: {', '.join(known)}). Received: models={','.join(names)!r}")
-    return {**config, "models": [m for m in config["models"] if m["name"] in names], "defined_models": known}
+    return config.with_models(names)
 
 
 def build_attack(spec, norm, epsilons, input_range, seed):
@@ -395,7 +406,7 @@ def load(path, profile=None):
         profile: name of a `[profiles.<name>]` table merged over the base, or None.
 
     Returns:
-        The experiment as a dict with defaults filled in and `profile` set.
+        The experiment's frozen `specs.Experiment` (defaults filled in, `profile` set).
 
     Raises:
         ExperimentError: unknown keys, unknown attack types or models,
@@ -460,4 +471,4 @@ def load(path, profile=None):
             raise ExperimentError(f"In export.deployed_queries for the deployed HopSkipJump: {error}") from None
     _check_models(config)
     _check_threat_models(config, data.info(config["dataset"]).input_range)
-    return config
+    return Experiment.from_dict(config)

@@ -62,29 +62,29 @@ def model_settings(config, spec, versions, teacher=None):
     """The settings that decide a trained model.
 
     Args:
-        config: the validated experiment.
-        spec: the model's entry in `config["models"]`.
+        config: the experiment (`specs.Experiment`).
+        spec: the model's `specs.ModelSpec`.
         versions: package versions (`runner.versions()`).
         teacher: the fingerprint of the teacher model (distillation), or None.
 
     Returns:
         A JSON-serialisable dict.
     """
-    return {"dataset": config["dataset"], "seed": config["seed"], "train": config["train"], "model": spec,
+    return {"dataset": config.dataset, "seed": config.seed, "train": config.train.to_dict(), "model": spec.to_dict(),
             "teacher": teacher, "versions": _versions(versions)}
 
 
 def export_settings(config, model_fingerprint, versions):
     """The settings that decide the exported files and their parity record."""
     keys = ("compress", "calibration_size", "parity_examples")
-    return {"model": model_fingerprint, "export": {k: config["export"][k] for k in keys},
+    return {"model": model_fingerprint, "export": {k: config.export.to_dict()[k] for k in keys},
             "versions": _versions(versions, ("tflite_micro",))}
 
 
 def result_settings(config, norm, model_fingerprint, versions):
     """The settings that decide one result file (evaluation, and the deployed evaluation when exporting)."""
-    return {"model": model_fingerprint, "threat_model": {**config["threat_models"][norm], "norm": norm},
-            "export": config["export"], "versions": _versions(versions, ("tflite_micro",))}
+    return {"model": model_fingerprint, "threat_model": {**config.threat_models[norm].to_dict(), "norm": norm},
+            "export": config.export.to_dict(), "versions": _versions(versions, ("tflite_micro",))}
 
 
 def shared_settings(result):

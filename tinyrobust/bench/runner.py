@@ -57,8 +57,8 @@ def _reusable(path, read=None):
 def _model_settings(config, spec, out):
     """The settings that decide the trained model `spec` (its teacher's fingerprint included)."""
     teacher = None
-    if spec.get("distill"):
-        name = spec["distill"]["teacher"]
+    if spec.distill:
+        name = spec.distill["teacher"]
         if name.endswith(".keras"):
             teacher = "sha256:" + fingerprints.file_digest(pathlib.Path(name))
         else:
@@ -66,7 +66,7 @@ def _model_settings(config, spec, out):
             if record is not None and "fingerprint" in record:
                 teacher = record["fingerprint"]
             else:
-                teacher_spec = next((m for m in config["models"] if m["name"] == name), None)
+                teacher_spec = config.model(name)
                 if teacher_spec is not None:
                     teacher = fingerprints.fingerprint(_model_settings(config, teacher_spec, out))
     return fingerprints.model_settings(config, spec, versions(), teacher)
@@ -78,17 +78,17 @@ def _check_sizes(config):
     Raises:
         ExperimentError: naming the key, its value and the split's size.
     """
-    name, fraction = config["dataset"], config["train"]["validation_fraction"]
-    train = len(data.load_raw(name, "train", validation_fraction=fraction, seed=config["seed"])[1])
+    name, fraction = config.dataset, config.train.validation_fraction
+    train = len(data.load_raw(name, "train", validation_fraction=fraction, seed=config.seed)[1])
     test = len(data.load_raw(name, "test")[1])
-    asked = [("train.limit", config["train"]["limit"], train, "the train split holds"),
-             ("export.calibration_size", config["export"]["calibration_size"], train, "the train split holds")]
-    asked += [(f"threat_models.{norm}.examples", threat["examples"], test, "the test split holds")
-              for norm, threat in config["threat_models"].items()]
-    if config["export"]["enabled"]:
-        asked.append(("export.parity_examples", config["export"]["parity_examples"], test, "the test split holds"))
-        fewest = min(threat["examples"] for threat in config["threat_models"].values())
-        asked.append(("export.deployed_examples", config["export"]["deployed_examples"], fewest,
+    asked = [("train.limit", config.train.limit, train, "the train split holds"),
+             ("export.calibration_size", config.export.calibration_size, train, "the train split holds")]
+    asked += [(f"threat_models.{norm}.examples", threat.examples, test, "the test split holds")
+              for norm, threat in config.threat_models.items()]
+    if config.export.enabled:
+        asked.append(("export.parity_examples", config.export.parity_examples, test, "the test split holds"))
+        fewest = min(threat.examples for threat in config.threat_models.values())
+        asked.append(("export.deployed_examples", config.export.deployed_examples, fewest,
                       "a threat model evaluates (the deployed model is attacked on the first of those)"))
     for key, value, size, what in asked:
         if value is not None and value > size:
@@ -102,10 +102,10 @@ def _check_earlier_work(config, out):
         ExperimentError: naming each artifact and the settings that changed.
     """
     problems = []
-    for spec in config["models"]:
+    for spec in config.models:
         settings = _model_settings(config, spec, out)
         expected = fingerprints.fingerprint(settings)
-        name = spec["name"]
+        name = spec.name
         candidates = []
         if (out / "models" / f"{name}.keras").is_file():
             candidates.append((f"models/{name}.keras", out / "models" / f"{name}.train.json"))
@@ -127,9 +127,9 @@ def _delete_earlier_work(config, out, say):
     """`--fresh`: removes every artifact of the experiment's models from `out` (other models' files stay)."""
     import shutil
 
-    for spec in config["models"]:
-        name = spec["name"]
-        stem = name.replace("-", "_")
+    for spec in config.models:
+        name = spec.name
+        stem = spec.file_name
         doomed = [out / "checkpoints" / name, *(out / "models").glob(f"{name}.*"),
                   *(out / "results").glob(f"{name}__*.json"), *(out / "export").glob(f"{stem}.*"),
                   *(out / "export").glob(f"{name}__*")]
@@ -155,39 +155,39 @@ def _build(config, spec, dataset_info, out):
     """The model to `fit`: plain, a `RobustModel`, a `RobustDistiller` around the student, a multi-exit
     model, or a `NEOKD` trainer around one (any adversarially trained multi-exit model; alpha=beta=0
     without a `neokd` table)."""
-    model = models.get(spec["architecture"], quantization=spec["quantization"], num_classes=dataset_info.num_classes,
-                       input_shape=dataset_info.input_shape, **spec["options"])
-    jacobian = JacobianRegularizer(layers=dict(spec["jacobian"])) if spec.get("jacobian") else None
+    model = models.get(spec.architecture, quantization=spec.quantization, num_classes=dataset_info.num_classes,
+                       input_shape=dataset_info.input_shape, **spec.options)
+    jacobian = JacobianRegularizer(layers=dict(spec.jacobian)) if spec.jacobian else None
     adversary = None
-    if spec.get("adversary"):
-        adversary = AdversarialTraining(input_range=dataset_info.input_range, seed=config["seed"], **spec["adversary"])
-    if spec.get("exits"):
-        network = multiexit.attach_exits(model, spec["exits"]["layers"], name=spec["name"])
+    if spec.adversary:
+        adversary = AdversarialTraining(input_range=dataset_info.input_range, seed=config.seed, **spec.adversary)
+    if spec.exits:
+        network = multiexit.attach_exits(model, spec.exits["layers"], name=spec.name)
         if adversary is None:
             return network
-        neokd = spec.get("neokd") or {"alpha": 0.0, "beta": 0.0}
-        return multiexit.NEOKD(network, adversary=adversary, seed=config["seed"], name=f"neokd_{spec['name']}",
+        neokd = spec.neokd or {"alpha": 0.0, "beta": 0.0}
+        return multiexit.NEOKD(network, adversary=adversary, seed=config.seed, name=f"neokd_{spec.name}",
                                **neokd)
-    teaching = spec.get("distill")
+    teaching = spec.distill
     if teaching is not None:
-        student = model if jacobian is None else RobustModel.wrap(model, jacobian=jacobian, name=spec["name"])
+        student = model if jacobian is None else RobustModel.wrap(model, jacobian=jacobian, name=spec.name)
         teacher = teaching["teacher"]
         path = pathlib.Path(teacher) if teacher.endswith(".keras") else out / "models" / f"{teacher}.keras"
         if not path.is_file():
-            raise FileNotFoundError(f"The teacher of {spec['name']!r} is not trained: no {path}. Run its stage first "
+            raise FileNotFoundError(f"The teacher of {spec.name!r} is not trained: no {path}. Run its stage first "
                                     f"(`--models {teacher}`) or copy its .keras file there. Received: "
                                     f"distill.teacher={teacher!r}")
         method = teaching.get("method", "ard")
         if method != "kd" and adversary is None:  # the dataset's threat scale: 8/255 of its input range
             low, high = dataset_info.input_range
             adversary = AdversarialTraining("pgd", epsilon=8 / 255 * (high - low), steps=10,
-                                            input_range=dataset_info.input_range, seed=config["seed"])
+                                            input_range=dataset_info.input_range, seed=config.seed)
         return distill.RobustDistiller(student, keras.saving.load_model(path), method=method,
                                        temperature=teaching.get("temperature"), alpha=teaching.get("alpha"),
-                                       adversary=adversary, name=f"distill_{spec['name']}")
+                                       adversary=adversary, name=f"distill_{spec.name}")
     if jacobian is None and adversary is None:
         return model
-    return RobustModel.wrap(model, jacobian=jacobian, adversary=adversary, name=spec["name"])
+    return RobustModel.wrap(model, jacobian=jacobian, adversary=adversary, name=spec.name)
 
 
 def train(config, spec, out, verbose=True):
@@ -202,39 +202,39 @@ def train(config, spec, out, verbose=True):
     Returns:
         (model, seconds spent training in this call).
     """
-    path = out / "models" / f"{spec['name']}.keras"
+    path = out / "models" / f"{spec.name}.keras"
     settings = _model_settings(config, spec, out)
     record = {"settings": settings, "fingerprint": fingerprints.fingerprint(settings)}
     model = _reusable(path, keras.saving.load_model)
     if model is not None:  # its settings were checked before any work (`_check_earlier_work`)
         return model, 0.0
-    dataset_info = data.info(config["dataset"])
-    recipe = config["train"]
-    keras.utils.set_random_seed(config["seed"])
+    dataset_info = data.info(config.dataset)
+    recipe = config.train
+    keras.utils.set_random_seed(config.seed)
     model = _build(config, spec, dataset_info, out)
-    exits = len(model.outputs) if spec.get("exits") and not isinstance(model, multiexit.NEOKD) else 0
+    exits = len(model.outputs) if spec.exits and not isinstance(model, multiexit.NEOKD) else 0
     if isinstance(model, (distill.RobustDistiller, multiexit.NEOKD)):  # the loss comes from the method
-        model.compile(optimizer=keras.optimizers.Adam(recipe["learning_rate"]))
+        model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate))
     elif exits:  # a plain multi-exit model: cross-entropy averaged over the exits
-        model.compile(optimizer=keras.optimizers.Adam(recipe["learning_rate"]),
+        model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate),
                       loss=[keras.losses.SparseCategoricalCrossentropy(from_logits=True)] * exits,
                       loss_weights=[1 / exits] * exits, metrics=[["accuracy"]] * exits)
     else:
-        model.compile(optimizer=keras.optimizers.Adam(recipe["learning_rate"]),
+        model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-    train_data = data.load(config["dataset"], "train", batch_size=recipe["batch_size"], seed=config["seed"],
-                           limit=recipe["limit"], augment=recipe["augment"],
-                           validation_fraction=recipe["validation_fraction"], epoch=epoch)
+    train_data = data.load(config.dataset, "train", batch_size=recipe.batch_size, seed=config.seed,
+                           limit=recipe.limit, augment=recipe.augment,
+                           validation_fraction=recipe.validation_fraction, epoch=epoch)
     if exits:  # one copy of the labels per exit
         train_data = train_data.map(lambda x, y: (x, (y,) * exits))
     start = time.perf_counter()
-    checkpoints = out / "checkpoints" / spec["name"]
+    checkpoints = out / "checkpoints" / spec.name
     checkpoints.mkdir(parents=True, exist_ok=True)
     (checkpoints / "settings.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     backup = keras.callbacks.BackupAndRestore(str(checkpoints))
-    steps = [backup, callbacks.SeedEachEpoch(config["seed"], epoch), callbacks.StopOnNonFiniteLoss()]
-    model.fit(train_data, epochs=recipe["epochs"], callbacks=steps, shuffle=False,
+    steps = [backup, callbacks.SeedEachEpoch(config.seed, epoch), callbacks.StopOnNonFiniteLoss()]
+    model.fit(train_data, epochs=recipe.epochs, callbacks=steps, shuffle=False,
               verbose=1 if verbose and sys.stdout.isatty()
               else 2 if verbose else 0)
     seconds = time.perf_counter() - start
@@ -246,7 +246,7 @@ def train(config, spec, out, verbose=True):
         model = model.network
     model.save(partial)
     # The record first: a model file is never without the settings that made it.
-    (out / "models" / f"{spec['name']}.train.json").write_text(
+    (out / "models" / f"{spec.name}.train.json").write_text(
         json.dumps({"seconds": seconds, **record}, indent=2, default=str) + "\n")
     partial.replace(path)
     return model, seconds
@@ -257,46 +257,46 @@ def _deployed(config, spec, model, attacked, cascade, out, x, y, threat, say, mo
     (clean, transfer, Square, HopSkipJump); `attacked` is the model's attack view (`fold_quantized_weights`),
     `cascade` the threat model's suite or None; the export and the record are reused only when their
     fingerprints match `model_fingerprint` (the export's) and `fingerprint` (the result's)."""
-    settings = config["export"]
-    record_path = out / "export" / f"{spec['name']}__{threat['norm']}.deployed.json"
+    settings = config.export
+    record_path = out / "export" / f"{spec.name}__{threat.norm}.deployed.json"
     record = _reusable(record_path)
     if record is not None and record.get("fingerprint") == fingerprint:
         return record
-    name = spec["name"].replace("-", "_")
+    name = spec.file_name
     parity_path = out / "export" / f"{name}.parity.json"
     parity = _reusable(parity_path)
     export_settings = fingerprints.export_settings(config, model_fingerprint, versions())
     if parity is None or parity.get("fingerprint") != fingerprints.fingerprint(export_settings):
-        calibration, indices = data.calibration_set(config["dataset"], size=settings["calibration_size"],
-                                                    seed=config["seed"])
-        x_parity, y_parity = data.load_arrays(config["dataset"], "test", limit=settings["parity_examples"])
+        calibration, indices = data.calibration_set(config.dataset, size=settings.calibration_size,
+                                                    seed=config.seed)
+        x_parity, y_parity = data.load_arrays(config.dataset, "test", limit=settings.parity_examples)
         provenance = {"calibration_split": "train", "calibration_indices": [int(i) for i in indices],
                       "settings": export_settings, "fingerprint": fingerprints.fingerprint(export_settings)}
         export.export_and_verify(model, out / "export", name, calibration, (x_parity, y_parity), runtimes=("tflm",),
-                                 record=provenance, verbose=say.verbose, compress=settings["compress"])
+                                 record=provenance, verbose=say.verbose, compress=settings.compress)
     parity = json.loads(parity_path.read_text())
     deployed = export.TFLiteModel(out / "export" / f"{name}.tflite")
-    n = settings["deployed_examples"]  # at most the threat model's examples (`_check_sizes`)
+    n = settings.deployed_examples  # at most the threat model's examples (`_check_sizes`)
     x_d, y_d = x[:n], y[:n]
 
-    epsilons = threat["epsilons"]
-    input_range = data.info(config["dataset"]).input_range
+    epsilons = list(threat.epsilons)
+    input_range = data.info(config.dataset).input_range
     clean = deployed(x_d).argmax(-1) == y_d
     correct = {}  # attack -> per eps: correct on clean input and under the attack, per example
 
     def record_attack(key, result):
         correct[key] = [clean & (deployed(xa).argmax(-1) == y_d) for xa in result.x_adv]
 
-    if "transfer" in settings["deployed_attacks"]:
-        source, label = _transfer_source(cascade, threat, input_range, config["seed"])
-        say(f"  {spec['name']}: transfer {label} from the Keras model to TFLite Micro ({n} examples)")
+    if "transfer" in settings.deployed_attacks:
+        source, label = _transfer_source(cascade, threat, input_range, config.seed)
+        say(f"  {spec.name}: transfer {label} from the Keras model to TFLite Micro ({n} examples)")
         record_attack("transfer", source.run(attacked, x_d, y_d))
-    queries = settings["deployed_queries"]
+    queries = settings.deployed_queries
     black_box = {"square": attacks.Square, "hopskipjump": attacks.HopSkipJump}
-    for key in [key for key in settings["deployed_attacks"] if key in black_box]:
-        attack = black_box[key](epsilons, norm=threat["norm"], queries=queries, input_range=input_range,
-                                seed=config["seed"])
-        say(f"  {spec['name']}: {type(attack).__name__} ({queries} queries) on TFLite Micro ({n} examples)")
+    for key in [key for key in settings.deployed_attacks if key in black_box]:
+        attack = black_box[key](epsilons, norm=threat.norm, queries=queries, input_range=input_range,
+                                seed=config.seed)
+        say(f"  {spec.name}: {type(attack).__name__} ({queries} queries) on TFLite Micro ({n} examples)")
         record_attack(key, attack.run(deployed, x_d, y_d))
     worst, robust = {}, clean
     for i, eps in enumerate(epsilons):  # per example over every deployed attack, never rising with eps
@@ -306,13 +306,13 @@ def _deployed(config, spec, model, attacked, cascade, out, x, y, threat, say, mo
     scale = deployed.input_scale[0] if deployed.input_scale else None
     steps = {str(e): (None if scale is None else float(e / scale)) for e in epsilons}
     checks = attacks.check_model(deployed, x_d, y_d, gradients=False, warn=False).flags
-    below = [e for e, v in steps.items() if v is not None and 0 < v < 1 and threat["norm"] == "linf"]
+    below = [e for e, v in steps.items() if v is not None and 0 < v < 1 and threat.norm == "linf"]
     if below:
         checks["eps_below_input_step"] = (
             f"eps {', '.join(below)} is below one int8 input step ({scale:.4g}) of the deployed model: most of such a "
             f"perturbation vanishes in the device's input quantization.")
     compression = parity.get("compression")
-    record = {"model_bytes": parity["model_bytes"], "arena_bytes": parity["arena_bytes"], "compress": settings["compress"],
+    record = {"model_bytes": parity["model_bytes"], "arena_bytes": parity["arena_bytes"], "compress": settings.compress,
               "compressed": bool(compression and compression["compressed"]),
               "int8_model_bytes": compression["int8_bytes"] if compression else parity["model_bytes"],
               "int8_arena_bytes": compression["int8_arena_bytes"] if compression else parity["arena_bytes"],
@@ -337,7 +337,7 @@ def _transfer_source(cascade, threat, input_range, seed):
     `cascade` (their compiled functions are reused), else PGD-20.
     """
     if cascade is None:
-        return attacks.PGD(threat["epsilons"], norm=threat["norm"], steps=20, input_range=input_range, seed=seed), "PGD-20"
+        return attacks.PGD(list(threat.epsilons), norm=threat.norm, steps=20, input_range=input_range, seed=seed), "PGD-20"
     white = {name: attack for name, attack in cascade.stages.items() if not attack.black_box}
     return attacks.Cascade(white), " + ".join(name.upper() for name in white)
 
@@ -348,7 +348,7 @@ def _multi_exit(network, x, y, threat, thresholds, input_range, seed):
     Returns:
         The result's `multi_exit` record (see `tinyrobust.bench.results`).
     """
-    settings = threat["multi_exit"]
+    settings = threat.multi_exit
 
     def early(inputs):
         return {str(t): _early_exit_record(multiexit.early_exit(network, inputs, threshold=t), y) for t in thresholds}
@@ -356,7 +356,7 @@ def _multi_exit(network, x, y, threat, thresholds, input_range, seed):
     record = {"exit_macs": multiexit.exit_macs(network), "clean": multiexit.exit_accuracies(network, x, y),
               "attacks": {}, "early_exit": {"clean": early(x)}}
     for target in settings["targets"]:
-        attack = multiexit.MultiExitPGD(threat["epsilons"], target=target, norm=threat["norm"],
+        attack = multiexit.MultiExitPGD(list(threat.epsilons), target=target, norm=threat.norm,
                                         steps=settings["steps"], input_range=input_range, seed=seed)
         result = attack.run(network, x, y)
         record["attacks"][target] = {str(e): multiexit.exit_accuracies(network, xa, y)
@@ -398,7 +398,7 @@ def run(config, out_dir, command="", verbose=True, fresh=False):
     deviation over seeds.
 
     Args:
-        config: the experiment dict.
+        config: the experiment (`specs.Experiment` from `config.load`).
         out_dir: output folder.
         command: the command line, recorded in every result.
         verbose: print progress.
@@ -421,23 +421,23 @@ def run(config, out_dir, command="", verbose=True, fresh=False):
     except OSError as error:
         raise ValueError(f"Cannot create the output folder ({error.strerror}). Received: out_dir={str(out)!r}") from None
     with _lock(out):
-        seeds = config.get("seeds", [config["seed"]])
+        seeds = list(config.seeds)
         _check_sizes(config)
         folders = {seed: out if len(seeds) == 1 else out / f"seed_{seed}" for seed in seeds}
         for seed, folder in folders.items():  # before any work
-            seeded = {**config, "seed": seed, "seeds": [seed]}
+            seeded = config.with_seed(seed)
             if fresh:
                 _delete_earlier_work(seeded, folder, say)
             else:
                 _check_earlier_work(seeded, folder)
-        (out / "experiment.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        (out / "experiment.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         all_results = []
         for seed in seeds:
             if len(seeds) == 1:
                 all_results += _run_seed(config, out, command, say)
             else:
                 say(f"seed {seed} ({seeds.index(seed) + 1} of {len(seeds)})")
-                all_results += _run_seed({**config, "seed": seed, "seeds": [seed]}, out / f"seed_{seed}", command,
+                all_results += _run_seed(config.with_seed(seed), out / f"seed_{seed}", command,
                                          say)
         write_report(_with_earlier_results(all_results, out, config, seeds), out)
     return all_results
@@ -491,14 +491,14 @@ def _with_earlier_results(results, out, config, seeds):
     experiment defines count (a stale file of a renamed model does not).
     Models come in the experiment file's order.
     """
-    order = config.get("defined_models", [m["name"] for m in config["models"]])
+    order = list(config.defined_models or [m.name for m in config.models])
     names = {r["model"]["name"] for r in results}
     try:
         found = results_lib.read_all(out)
     except FileNotFoundError:
         found = []
     earlier = [r for r in found if r["model"]["name"] in order and r["model"]["name"] not in names
-               and r["experiment"] == config["name"] and r["profile"] == config["profile"] and r["seed"] in seeds]
+               and r["experiment"] == config.name and r["profile"] == config.profile and r["seed"] in seeds]
     return sorted(results + earlier, key=lambda r: order.index(r["model"]["name"]))
 
 
@@ -519,74 +519,74 @@ def _run_seed(config, out, command, say):
     """Trains, attacks and exports every model with one seed; returns the result dicts."""
     verbose = say.verbose
     out.mkdir(parents=True, exist_ok=True)
-    dataset_info = data.info(config["dataset"])
-    examples = max(t["examples"] for t in config["threat_models"].values())
-    x_test, y_test = data.load_arrays(config["dataset"], "test", limit=examples)
+    dataset_info = data.info(config.dataset)
+    examples = max(t.examples for t in config.threat_models.values())
+    x_test, y_test = data.load_arrays(config.dataset, "test", limit=examples)
     all_results = []
-    for spec in config["models"]:
+    for spec in config.models:
         model_settings = _model_settings(config, spec, out)
         model_fingerprint = fingerprints.fingerprint(model_settings)
         settings = {n: fingerprints.result_settings(config, n, model_fingerprint, versions())
-                    for n in config["threat_models"]}
-        existing = {n: _reused_result(out / "results" / f"{spec['name']}__{n}.json", settings[n], say)
-                    for n in config["threat_models"]}
+                    for n in config.threat_models}
+        existing = {n: _reused_result(out / "results" / f"{spec.name}__{n}.json", settings[n], say)
+                    for n in config.threat_models}
         if all(r is not None for r in existing.values()):
-            say(f"{spec['name']}: results exist with these settings, skipped")
+            say(f"{spec.name}: results exist with these settings, skipped")
             all_results += list(existing.values())
             continue
-        say(f"{spec['name']}: training {spec['architecture']} ({spec['quantization']}) on {config['dataset']}")
+        say(f"{spec.name}: training {spec.architecture} ({spec.quantization}) on {config.dataset}")
         model, _ = train(config, spec, out, verbose)
-        train_record = _reusable(out / "models" / f"{spec['name']}.train.json")
+        train_record = _reusable(out / "models" / f"{spec.name}.train.json")
         train_seconds = train_record.get("seconds") if train_record else None
         network = None
-        if spec.get("exits"):  # attacks, checks and export see the final exit; `multi_exit` covers every exit
-            network, model = model, keras.Model(models.inputs_of(model), model.outputs[-1], name=f"{spec['name']}_final")
+        if spec.exits:  # attacks, checks and export see the final exit; `multi_exit` covers every exit
+            network, model = model, keras.Model(models.inputs_of(model), model.outputs[-1], name=f"{spec.name}_final")
         footprint, bits = _footprint(network or model)
         attacked = export.fold_quantized_weights(model)  # the same outputs, weight quantizers evaluated once
-        for norm, threat in config["threat_models"].items():
-            path = out / "results" / f"{spec['name']}__{norm}.json"
+        for norm, threat in config.threat_models.items():
+            path = out / "results" / f"{spec.name}__{norm}.json"
             if existing[norm] is not None:
                 all_results.append(existing[norm])
                 continue
-            threat = {**threat, "norm": norm}
-            n = threat["examples"]
+            n = threat.examples
             x, y = x_test[:n], y_test[:n]
-            suite = {name: build_attack(s, norm, threat["epsilons"], dataset_info.input_range, config["seed"])
-                     for name, s in threat["attacks"].items()}
-            cascade = build_suite(threat["suite"], norm, threat["epsilons"], dataset_info.input_range,
-                                  dataset_info.num_classes, config["seed"])
+            suite = {name: build_attack(s, norm, threat.epsilons, dataset_info.input_range, config.seed)
+                     for name, s in threat.attacks.items()}
+            cascade = build_suite(threat.suite, norm, threat.epsilons, dataset_info.input_range,
+                                  dataset_info.num_classes, config.seed)
             if cascade is not None:
-                suite[threat["suite"]["name"]] = cascade
-            say(f"  {spec['name']}: attacks {', '.join(suite)} at eps {threat['epsilons']} ({norm}, {n} examples)")
+                suite[threat.suite["name"]] = cascade
+            say(f"  {spec.name}: attacks {', '.join(suite)} at eps {threat.epsilons} ({norm}, {n} examples)")
             start = time.perf_counter()
             report = attacks.robust_accuracy(attacked, (x, y), suite, verbose=verbose)
             checks = attacks.check_model(model, x[:256], y[:256], report=report, warn=False)
             evaluate_seconds = time.perf_counter() - start
             deployed, export_seconds = None, None
-            if config["export"]["enabled"]:
+            if config.export.enabled:
                 start = time.perf_counter()
                 deployed = _deployed(config, spec, model, attacked, cascade, out, x, y, threat, say, model_fingerprint,
                                      fingerprints.fingerprint(settings[norm]))
                 export_seconds = time.perf_counter() - start
             multi_exit = None
             if network is not None:
-                say(f"  {spec['name']}: every exit under {', '.join(threat['multi_exit']['targets'])} PGD-"
-                    f"{threat['multi_exit']['steps']}, early exit at thresholds {spec['exits']['thresholds']}")
-                multi_exit = _multi_exit(network, x, y, threat, spec["exits"]["thresholds"],
-                                         dataset_info.input_range, config["seed"])
+                say(f"  {spec.name}: every exit under {', '.join(threat.multi_exit['targets'])} PGD-"
+                    f"{threat.multi_exit['steps']}, early exit at thresholds {spec.exits['thresholds']}")
+                multi_exit = _multi_exit(network, x, y, threat, spec.exits["thresholds"],
+                                         dataset_info.input_range, config.seed)
             accuracy = report.accuracy()
-            target = QUALITY_TARGETS.get((config["dataset"], spec["architecture"]))
+            target = QUALITY_TARGETS.get((config.dataset, spec.architecture))
+            entry = spec.to_dict()
             result = {
-                "schema_version": results_lib.SCHEMA_VERSION, "experiment": config["name"],
-                "profile": config["profile"], "dataset": config["dataset"], "seed": config["seed"],
+                "schema_version": results_lib.SCHEMA_VERSION, "experiment": config.name,
+                "profile": config.profile, "dataset": config.dataset, "seed": config.seed,
                 "command": command, "versions": versions(),
-                "model": {"name": spec["name"], "architecture": spec["architecture"],
-                          "quantization": spec["quantization"], "options": spec["options"],
-                          "jacobian": spec.get("jacobian", {}), "adversary": spec.get("adversary"),
-                          "distill": spec.get("distill"), "exits": spec.get("exits"), "neokd": spec.get("neokd"),
+                "model": {"name": spec.name, "architecture": spec.architecture,
+                          "quantization": spec.quantization, "options": entry["options"],
+                          "jacobian": entry.get("jacobian") or {}, "adversary": entry.get("adversary"),
+                          "distill": entry.get("distill"), "exits": entry.get("exits"), "neokd": entry.get("neokd"),
                           "params": footprint.params, "int8_bytes": footprint.int8_bytes,
                           "packed_bytes": footprint.packed_bytes, "bits": bits},
-                "threat_model": {"norm": norm, "epsilons": threat["epsilons"], "examples": int(len(x))},
+                "threat_model": {"norm": norm, "epsilons": list(threat.epsilons), "examples": int(len(x))},
                 "clean_accuracy": accuracy["clean"], "robust_accuracy": accuracy["attacks"],
                 "worst_case": accuracy["worst"],
                 "queries": {a: {str(e): float(q) for e, q in per.items()} for a, per in report.queries.items()},

@@ -1,0 +1,162 @@
+"""Typed, frozen specs of an experiment, built once from a validated experiment file.
+
+`tinyrobust.bench.config.load` validates the TOML (building every configured
+object: models, quantizers, Jacobian layers, adversaries, attacks, suites,
+exits) and returns an `Experiment`. The runner's stages read only these specs;
+a spec's canonical form (`to_dict()`) is what its fingerprint hashes
+(`tinyrobust.bench.fingerprints`).
+"""
+
+import dataclasses
+import types
+from typing import Any, Mapping, Optional
+
+__all__ = ["TrainSpec", "ModelSpec", "ThreatSpec", "ExportSpec", "Experiment"]
+
+
+def _frozen(value):
+    """Read-only views of nested tables and tuples of lists, so a spec cannot change after it is built."""
+    if isinstance(value, Mapping):
+        return types.MappingProxyType({k: _frozen(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _plain(value):
+    """JSON-ready copy: tables as dicts, sequences as lists, specs as their canonical dicts."""
+    if dataclasses.is_dataclass(value):
+        return value.to_dict()
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class _Spec:
+    """Canonical dict of the spec's fields (tables as dicts, sequences as lists)."""
+
+    _omit_when_none = ()
+
+    def to_dict(self):
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if not (f.name in self._omit_when_none and getattr(self, f.name) is None)}
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _frozen(getattr(self, f.name)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec(_Spec):
+    """The training recipe shared by every model of the experiment (`[train]`)."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    limit: Optional[int]
+    augment: bool
+    validation_fraction: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec(_Spec):
+    """One `[[models]]` entry: architecture, quantization and how it is trained."""
+
+    name: str
+    architecture: str
+    quantization: str
+    options: Mapping[str, Any]
+    jacobian: Optional[Mapping[str, float]] = None
+    adversary: Optional[Mapping[str, Any]] = None
+    distill: Optional[Mapping[str, Any]] = None
+    exits: Optional[Mapping[str, Any]] = None
+    neokd: Optional[Mapping[str, Any]] = None
+
+    # Keys the experiment file left out stay out of the canonical form (and of the fingerprint).
+    _omit_when_none = ("jacobian", "adversary", "distill", "exits", "neokd")
+
+    @property
+    def file_name(self):
+        """The name used for export files and C arrays (an identifier)."""
+        return self.name.replace("-", "_")
+
+
+@dataclasses.dataclass(frozen=True)
+class ThreatSpec(_Spec):
+    """One `[threat_models.<norm>]` table."""
+
+    norm: str
+    epsilons: tuple
+    examples: int
+    attacks: Mapping[str, Mapping[str, Any]]
+    suite: Mapping[str, Any]
+    multi_exit: Mapping[str, Any]
+
+    def to_dict(self):
+        """The table as the experiment file gives it (without `norm`, its key)."""
+        return {k: v for k, v in super().to_dict().items() if k != "norm"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSpec(_Spec):
+    """`[export]`: the shipped artifact and the deployed evaluation."""
+
+    enabled: bool
+    compress: bool
+    calibration_size: int
+    parity_examples: int
+    deployed_examples: int
+    deployed_attacks: tuple
+    deployed_queries: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment(_Spec):
+    """A whole validated experiment (one profile)."""
+
+    name: str
+    dataset: str
+    seed: int
+    seeds: tuple
+    profile: Optional[str]
+    train: TrainSpec
+    models: tuple
+    threat_models: Mapping[str, ThreatSpec]
+    export: ExportSpec
+    description: Optional[str] = None
+    defined_models: Optional[tuple] = None
+
+    _omit_when_none = ("description", "defined_models")
+
+    def __post_init__(self):
+        object.__setattr__(self, "models", tuple(self.models))
+        object.__setattr__(self, "threat_models", types.MappingProxyType(dict(self.threat_models)))
+        for name in ("seeds", "defined_models"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    @classmethod
+    def from_dict(cls, config):
+        """Builds the specs from a validated experiment dict (`config.load`'s checks already passed)."""
+        return cls(
+            name=config["name"], dataset=config["dataset"], seed=config["seed"], seeds=config["seeds"],
+            profile=config["profile"], train=TrainSpec(**config["train"]),
+            models=[ModelSpec(**model) for model in config["models"]],
+            threat_models={norm: ThreatSpec(norm=norm, **threat) for norm, threat in config["threat_models"].items()},
+            export=ExportSpec(**config["export"]), description=config.get("description"),
+            defined_models=config.get("defined_models"))
+
+    def with_seed(self, seed):
+        """The same experiment run with one seed."""
+        return dataclasses.replace(self, seed=seed, seeds=(seed,))
+
+    def with_models(self, names):
+        """The experiment restricted to the named models; `defined_models` keeps every name in file order."""
+        return dataclasses.replace(self, models=tuple(m for m in self.models if m.name in names),
+                                   defined_models=self.defined_models or tuple(m.name for m in self.models))
+
+    def model(self, name):
+        """The spec of the model called `name`, or None."""
+        return next((m for m in self.models if m.name == name), None)
