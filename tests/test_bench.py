@@ -39,6 +39,7 @@ attacks = { fgsm = { type = "FGSM" } }
         (BASE.replace('quantization = "stq"', 'quantization = "stq"\nepochs = 3'), "'models\\[0\\].epochs'"),
         (BASE.replace('"FGSM"', '"Nope"'), "threat_models.linf.attacks.fgsm.type='Nope'"),
         (BASE.replace("[0.05]", "[1.5]"), "threat_models.linf.epsilons=1.5"),
+        (BASE + "\n[export]\ndeployed_examples = 17\n", "than a threat model evaluates .16.*deployed_examples=17"),
         (BASE.replace("[0.05]", "[-0.1]"), "threat_models.linf.epsilons=-0.1"),
         (BASE.replace('{ type = "FGSM" }', '{ type = "PGD", steps = 0 }'), "steps=0"),
         (BASE.replace('{ type = "FGSM" }', '{ type = "PGD", stepz = 3 }'), "'threat_models.linf.attacks.fgsm.stepz'"),
@@ -474,7 +475,6 @@ def test_artifacts_are_reused_only_with_the_settings_that_made_them(tmp_path, ca
     ("[export]\ncalibration_size = 100000000\n", "more examples than the train split holds .54,000.. "
                                                  "Received: export.calibration_size=100000000"),
     ("[export]\nparity_examples = 10001\n", "Received: export.parity_examples=10001"),
-    ("[export]\ndeployed_examples = 17\n", "more examples than a threat model evaluates .*16.*deployed_examples=17"),
     ("[train]\nlimit = 54001\n", "Received: train.limit=54001"),
 ])
 def test_sizes_beyond_their_split_are_refused_before_any_work(tmp_path, extra, message):

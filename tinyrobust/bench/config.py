@@ -48,7 +48,7 @@ _DEFAULTS = {
     "seed": 0,
     "train": {"epochs": 1, "batch_size": 64, "learning_rate": 1e-3, "limit": None, "augment": False,
               "validation_fraction": 0.1},
-    "export": {"enabled": True, "compress": True, "calibration_size": 500, "parity_examples": 1000, "deployed_examples": 100,
+    "export": {"enabled": True, "compress": True, "calibration_size": 500, "parity_examples": 1000, "deployed_examples": None,
                "deployed_attacks": ["transfer", "square"], "deployed_queries": 200},
 }
 
@@ -459,7 +459,8 @@ def load(path, profile=None):
             raise ExperimentError(f"Expected `export.{key}` to be true or false. "
                                   f"Received: export.{key}={config['export'][key]!r}")
     for key in ("calibration_size", "parity_examples", "deployed_examples", "deployed_queries"):
-        _number(f"export.{key}", config["export"][key], low=1, integer=True)
+        if config["export"][key] is not None:  # deployed_examples: None until the threat models are known
+            _number(f"export.{key}", config["export"][key], low=1, integer=True)
     for attack in config["export"]["deployed_attacks"]:
         if attack not in _DEPLOYED_ATTACKS:
             raise ExperimentError(f"Unknown deployed attack (allowed: {', '.join(_DEPLOYED_ATTACKS)}). "
@@ -471,4 +472,11 @@ def load(path, profile=None):
             raise ExperimentError(f"In export.deployed_queries for the deployed HopSkipJump: {error}") from None
     _check_models(config)
     _check_threat_models(config, data.info(config["dataset"]).input_range)
+    fewest = min(threat["examples"] for threat in config["threat_models"].values())
+    if config["export"]["deployed_examples"] is None:  # default: 100, or every example of the smallest threat model
+        config["export"]["deployed_examples"] = min(100, fewest)
+    elif config["export"]["enabled"] and config["export"]["deployed_examples"] > fewest:
+        raise ExperimentError(f"`export.deployed_examples` asks for more examples than a threat model evaluates "
+                              f"({fewest}; the deployed model is attacked on the first of those). "
+                              f"Received: export.deployed_examples={config['export']['deployed_examples']}")
     return Experiment.from_dict(config)

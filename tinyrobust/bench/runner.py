@@ -87,9 +87,6 @@ def _check_sizes(config):
               for norm, threat in config.threat_models.items()]
     if config.export.enabled:
         asked.append(("export.parity_examples", config.export.parity_examples, test, "the test split holds"))
-        fewest = min(threat.examples for threat in config.threat_models.values())
-        asked.append(("export.deployed_examples", config.export.deployed_examples, fewest,
-                      "a threat model evaluates (the deployed model is attacked on the first of those)"))
     for key, value, size, what in asked:
         if value is not None and value > size:
             raise ExperimentError(f"`{key}` asks for more examples than {what} ({size:,}). Received: {key}={value}")
