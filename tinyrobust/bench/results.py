@@ -9,7 +9,7 @@ import json
 import pathlib
 import warnings
 
-from tinyrobust.bench import schema
+from tinyrobust.bench import fingerprints, schema
 
 SCHEMA_VERSION = 1
 
@@ -199,8 +199,6 @@ def table(results):
 def mixed_settings(results):
     """Lines naming each result whose shared settings (everything but its model and seed) differ from the
     first result's, or that records no settings; empty when all agree."""
-    from tinyrobust.bench import fingerprints
-
     first, lines = results[0], []
     reference = fingerprints.shared_settings(first)
     for result in results:
@@ -312,8 +310,6 @@ def _averaged(results):
 def compare(results_a, results_b):
     """A Markdown table of two result sets side by side (matched by model and threat model; seeds averaged),
     followed by the settings (training, threat model, export, versions) in which the two sets differ."""
-    from tinyrobust.bench import fingerprints
-
     index_a, index_b = _averaged(results_a), _averaged(results_b)
     lines = ["| model | norm | metric | A | B | B - A |", "| --- | --- | --- | --- | --- | --- |"]
     for (model, norm), a in index_a.items():
