@@ -49,8 +49,9 @@ def changes(old, new):
     before, after = _flat(old), _flat(new)
     lines = []
     for key in sorted(set(before) | set(after), key=str):
-        if _canonical(before.get(key, "<unset>")) != _canonical(after.get(key, "<unset>")):
-            lines.append(f"{key}: {_canonical(before.get(key, '<unset>'))} -> {_canonical(after.get(key, '<unset>'))}")
+        was, now = (_canonical(side.get(key, "<unset>")) for side in (before, after))
+        if was != now:
+            lines.append(f"{key}: {was} -> {now}")
     return lines
 
 

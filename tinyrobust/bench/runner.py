@@ -1,10 +1,12 @@
 """Runs an experiment: train (resuming), attack, check, export, evaluate the deployed model, write results."""
 
 import contextlib
+import hashlib
 import json
 import os
 import pathlib
 import platform
+import shutil
 import sys
 import time
 import warnings
@@ -122,8 +124,6 @@ def _check_earlier_work(config, out):
 
 def _delete_earlier_work(config, out, say):
     """`--fresh`: removes every artifact of the experiment's models from `out` (other models' files stay)."""
-    import shutil
-
     for spec in config.models:
         name = spec.name
         stem = spec.file_name
@@ -368,8 +368,6 @@ def _early_exit_record(result, y):
 
 
 def _digest(indices):
-    import hashlib
-
     return hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest()[:16]
 
 
