@@ -30,7 +30,7 @@ def _per_example_sq_norm(gradient):
     return ops.sum(ops.reshape(ops.square(gradient), (ops.shape(gradient)[0], -1)), axis=-1)
 
 
-def jacobian_norms(tape, logits, sources, num_projections=1, seed=None):
+def jacobian_norms(tape, logits, sources, num_projections=1, seed=None, sample_weight=None):
     """Estimates ||d logits / d source||_F^2 for several sources at once.
 
     All sources share each backward pass, so per-layer terms cost no more
@@ -44,6 +44,8 @@ def jacobian_norms(tape, logits, sources, num_projections=1, seed=None):
         num_projections: random projections per example, or None for the
             exact value (one backward pass per class).
         seed: int or `keras.random.SeedGenerator` for the projections.
+        sample_weight: None, or one weight per example (the mean is then
+            `sum(w * norm) / batch`, as Keras reduces weighted losses).
 
     Returns:
         A list with, per source, the batch mean of the squared norm (scalar).
@@ -68,7 +70,10 @@ def jacobian_norms(tape, logits, sources, num_projections=1, seed=None):
                     f"The logits do not depend on a regularised tensor. Received: source={getattr(source, 'name', i)!r}"
                 )
             totals[i] = totals[i] + _per_example_sq_norm(gradient)
-    return [factor * ops.mean(total) for total in totals]
+    if sample_weight is None:
+        return [factor * ops.mean(total) for total in totals]
+    weight = ops.reshape(ops.cast(sample_weight, logits.dtype), (-1,))
+    return [factor * ops.sum(total * weight) / ops.cast(batch, logits.dtype) for total in totals]
 
 
 def frobenius_sq(fn, x, num_projections=1, seed=None):

@@ -15,7 +15,7 @@ from keras import ops
 from tinyrobust import models
 from tinyrobust.attacks import kernels
 from tinyrobust.attacks.base import Attack
-from tinyrobust.training import input_adversary
+from tinyrobust.training import Objective, RobustModel, Untracked, input_adversary, weighted_mean
 from tinyrobust.validation import check_choice, check_number
 
 __all__ = ["EarlyExitResult", "MultiExitPGD", "NEOKD", "attach_exits", "early_exit", "exit_accuracies", "exit_macs",
@@ -254,7 +254,7 @@ def orthogonal_classes(num_exits, num_classes, seed=None):
     return ops.cast(ops.equal(ops.expand_dims(ops.arange(num_exits), 1), ops.expand_dims(owners, 0)), "float32")
 
 
-def neokd_loss(clean_logits, adv_logits, y, keep, alpha=3.0, beta=1.0, exit_weights=None):
+def neokd_loss(clean_logits, adv_logits, y, keep, alpha=3.0, beta=1.0, exit_weights=None, sample_weight=None):
     """NEO-KD's training loss.
 
     For each exit i, with weights `w_i` (equal by default):
@@ -273,6 +273,7 @@ def neokd_loss(clean_logits, adv_logits, y, keep, alpha=3.0, beta=1.0, exit_weig
         alpha: weight of neighbour KD.
         beta: weight of exit-wise orthogonal KD.
         exit_weights: one weight per exit, or None for 1 / exits each.
+        sample_weight: per-example weights, or None.
 
     Returns:
         `(loss, ce, nkd, eokd)`: the total and the three weighted-over-exits,
@@ -294,9 +295,9 @@ def neokd_loss(clean_logits, adv_logits, y, keep, alpha=3.0, beta=1.0, exit_weig
             [j for j in (i - 1, i, i + 1) if 0 <= j < exits])
         restricted = clean[i] * ops.maximum(ops.cast(keep[i], clean[i].dtype)[None, :], onehot)
         restricted = restricted / ops.sum(restricted, axis=-1, keepdims=True)
-        ce += weights[i] * ops.mean(kernels.cross_entropy(adv, y))
-        nkd += weights[i] * ops.mean(_kl(ensemble, log_q))
-        eokd += weights[i] * ops.mean(_kl(restricted, log_q))
+        ce += weights[i] * weighted_mean(kernels.cross_entropy(adv, y), sample_weight)
+        nkd += weights[i] * weighted_mean(_kl(ensemble, log_q), sample_weight)
+        eokd += weights[i] * weighted_mean(_kl(restricted, log_q), sample_weight)
     return ce + alpha * nkd + beta * eokd, ce, nkd, eokd
 
 
@@ -307,14 +308,94 @@ def _kl(p, log_q):
 
 
 @keras.saving.register_keras_serializable(package="tinyrobust")
-class NEOKD(keras.Model):
-    """Adversarial training of a multi-exit model with NEO-KD, driven by `compile(optimizer=...)` and `fit`.
+class NeoKD(Objective):
+    """NEO-KD's loss terms for `RobustModel`'s step on a multi-exit model.
+
+    The adversary attacks every exit (the average attack, or the max-average
+    attack whose single-exit attacks share one random start); each step draws
+    a fresh orthogonal class partition. Logged: `ce`, `nkd`, `eokd` and the
+    clean accuracy of every exit (`exit_<k>_accuracy`).
+
+    Args:
+        alpha: neighbour-KD weight.
+        beta: exit-wise orthogonal KD weight.
+        exit_weights: per-exit weights (default equal).
+        attack: "average" or "max_average".
+        seed: seed of the class partitions.
+    """
+
+    seeds = ("partition",)
+
+    def streams(self, model):
+        return ("partition", "attack")  # the order of the NEOKD trainer before the single engine
+
+    def __init__(self, alpha=3.0, beta=1.0, exit_weights=None, attack="average", seed=None):
+        self.alpha = float(check_number("alpha", alpha, low=0))
+        self.beta = float(check_number("beta", beta, low=0))
+        if exit_weights is not None:
+            for w in exit_weights:
+                check_number("exit_weights", w, low=0)
+        self.exit_weights = None if exit_weights is None else [float(w) for w in exit_weights]
+        self.attack = check_choice("attack", attack, ("average", "max_average"))
+        self.seed = seed
+
+    def check(self, model):
+        exits = len(model.outputs)
+        if exits < 2:
+            raise ValueError(f"Expected a multi-exit model (several logits outputs). Received: model={model.name!r}")
+        if self.exit_weights is not None and len(self.exit_weights) != exits:
+            raise ValueError(f"Expected one weight per exit ({exits}). Received: exit_weights={self.exit_weights!r}")
+        if model.jacobian is not None:
+            raise ValueError(f"NEO-KD takes no Jacobian terms. Received: jacobian={model.jacobian!r}")
+
+    def targets(self, model, x, y, training=True):
+        return ops.reshape(y, (-1,)), None  # (N,) or (N, 1) labels
+
+    def adversarial_examples(self, model, x, labels, context, perturb):
+        # Every single-exit attack of the max-average attack starts from the same point.
+        adversary = model.adversary
+        start = adversary.threat.random_start(x, model.random_stream("attack"), epsilon=adversary.epsilon * model.epsilon_scale)
+        return multi_exit_attack(model, labels, self.attack, lambda loss_fn: perturb(loss_fn, start=start))
+
+    def passes(self, model, adversarial):
+        return True, adversarial
+
+    def scalar_logs(self, model):
+        return ["ce", "nkd", "eokd"]
+
+    def accuracy_logs(self, model):
+        return [f"exit_{k}_accuracy" for k in range(1, len(model.outputs) + 1)]
+
+    def update_accuracies(self, model, trackers, labels, clean, sample_weight):
+        for k, z in enumerate(clean, start=1):
+            trackers[f"exit_{k}_accuracy"].update_state(labels, z, sample_weight=sample_weight)
+
+    def losses(self, model, step):
+        keep = orthogonal_classes(len(model.outputs), model.outputs[0].shape[-1], seed=model.random_stream("partition"))
+        adv = step.adv if step.adv is not None else step.clean
+        loss, ce, nkd, eokd = neokd_loss(step.clean, adv, step.labels, keep, self.alpha, self.beta, self.exit_weights,
+                                         step.sample_weight)
+        return [loss], {"ce": ce, "nkd": nkd, "eokd": eokd}
+
+    def test_loss(self, model, x, labels, outputs, sample_weight):
+        return weighted_mean(_average_ce(outputs, labels), sample_weight)
+
+    def get_config(self):
+        return {"alpha": self.alpha, "beta": self.beta, "exit_weights": self.exit_weights, "attack": self.attack,
+                "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="tinyrobust")
+class NEOKD(RobustModel):
+    """Adversarial training of a multi-exit model with NEO-KD: the `RobustModel` on the network's layers with
+    a `NeoKD` objective, driven by `compile(optimizer=...)` and `fit`.
 
     Each step crafts adversarial examples against all exits (the average
     attack, or the max-average attack), then minimises `neokd_loss` with a
     fresh orthogonal class partition. `alpha=beta=0` gives plain multi-exit
-    adversarial training. Logged: `loss`, `ce`, `nkd`, `eokd` and the clean
-    accuracy of every exit (`exit_<k>_accuracy`). Calling it runs the model.
+    adversarial training. Logged: `loss`, `ce`, `nkd`, `eokd`, the clean
+    accuracy of every exit (`exit_<k>_accuracy`) and `adv_accuracy` of the
+    last exit. Calling it runs the model; saved, it loads as that `RobustModel`.
 
     Args:
         model: a multi-exit model (`attach_exits`).
@@ -330,75 +411,22 @@ class NEOKD(keras.Model):
 
     def __init__(self, model, alpha=3.0, beta=1.0, exit_weights=None, adversary=None, attack="average", seed=None,
                  name=None, **kwargs):
-        super().__init__(name=name or f"neokd_{model.name}", **kwargs)
-        if not isinstance(model, keras.Model) or len(model.outputs) < 2:
+        if not isinstance(model, keras.Model) or len(getattr(model, "outputs", None) or []) < 2:
             raise ValueError(f"Expected a multi-exit model (several logits outputs). Received: model={model!r}")
-        self.network = model
-        self.alpha = float(check_number("alpha", alpha, low=0))
-        self.beta = float(check_number("beta", beta, low=0))
-        exits = len(model.outputs)
-        if exit_weights is not None:
-            if len(exit_weights) != exits:
-                raise ValueError(f"Expected one weight per exit ({exits}). Received: exit_weights={exit_weights!r}")
-            for w in exit_weights:
-                check_number("exit_weights", w, low=0)
-        self.exit_weights = None if exit_weights is None else [float(w) for w in exit_weights]
-        self.adversary = adversary = input_adversary(adversary)
-        self.attack = check_choice("attack", attack, ("average", "max_average"))
-        self.seed = seed
-        self._partition_seed = keras.random.SeedGenerator(seed)
-        self._attack_seed = keras.random.SeedGenerator(adversary.seed)
-        self._trackers = {n: keras.metrics.Mean(name=n) for n in ("loss", "ce", "nkd", "eokd")}
-        for k in range(1, exits + 1):
-            self._trackers[f"exit_{k}_accuracy"] = keras.metrics.SparseCategoricalAccuracy(name=f"exit_{k}_accuracy")
-        self.built = model.built
-
-    def call(self, inputs, training=False):
-        return self.network(inputs, training=training)
+        objective = NeoKD(alpha, beta, exit_weights, attack, seed)
+        super().__init__(models.inputs_of(model), model.outputs, adversary=input_adversary(adversary),
+                         objective=objective, name=name or f"neokd_{model.name}", **kwargs)
+        self._network = Untracked(model=model)
 
     @property
-    def metrics(self):
-        return list(self._trackers.values())
-
-    def train_step(self, data):
-        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
-        x, y = ops.convert_to_tensor(x), ops.reshape(y, (-1,))  # (N,) or (N, 1) labels
-        # Every single-exit attack of the max-average attack starts from the same point.
-        start = kernels.random_start(x, ops.cast(self.adversary.epsilon, x.dtype), self.adversary.norm,
-                                     seed=self._attack_seed)
-        x_adv = multi_exit_attack(self.network, y, self.attack,
-                                  lambda loss_fn: self.adversary.perturb(loss_fn, x, self._attack_seed, start=start))
-        classes = self.network.outputs[0].shape[-1]
-        keep = orthogonal_classes(len(self.network.outputs), classes, seed=self._partition_seed)
-        with tf.GradientTape() as tape:
-            clean = self.network(x, training=True)
-            adv = self.network(x_adv, training=True)
-            loss, ce, nkd, eokd = neokd_loss(clean, adv, y, keep, self.alpha, self.beta, self.exit_weights)
-            scaled = self.optimizer.scale_loss(loss)
-        weights = self.network.trainable_weights
-        self.optimizer.apply_gradients(zip(tape.gradient(scaled, weights), weights))
-        for name, value in (("loss", loss), ("ce", ce), ("nkd", nkd), ("eokd", eokd)):
-            self._trackers[name].update_state(value)
-        for k, z in enumerate(clean, start=1):
-            self._trackers[f"exit_{k}_accuracy"].update_state(y, z)
-        return {m.name: m.result() for m in self.metrics}
-
-    def test_step(self, data):
-        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
-        y = ops.reshape(y, (-1,))
-        outputs = self.network(x, training=False)
-        self._trackers["ce"].update_state(ops.mean(_average_ce(outputs, y)))
-        for k, z in enumerate(outputs, start=1):
-            self._trackers[f"exit_{k}_accuracy"].update_state(y, z)
-        return {m.name: m.result() for m in self.metrics if m.name == "ce" or m.name.startswith("exit_")}
-
-    def get_config(self):
-        return {"name": self.name, "model": keras.saving.serialize_keras_object(self.network), "alpha": self.alpha,
-                "beta": self.beta, "exit_weights": self.exit_weights, "adversary": self.adversary.get_config(),
-                "attack": self.attack, "seed": self.seed}
+    def network(self):
+        """The multi-exit model (sharing this trainer's layers and weights)."""
+        return self._network.model
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        config["model"] = keras.saving.deserialize_keras_object(config["model"], custom_objects=custom_objects)
-        return cls(**config)
+        if "model" in config:
+            raise ValueError("This NEOKD was saved by tinyrobust 0.1.0 before the single training engine (it wrapped "
+                             "`model`); this version saves the network it trains. Load the file with that version "
+                             f"and save `neokd.network`, or retrain. Received: config with keys {sorted(config)}")
+        return RobustModel.from_config(config, custom_objects=custom_objects)

@@ -1,10 +1,16 @@
-"""The robust training step: cross-entropy + Jacobian terms + adversarial training.
+"""One training engine for every robust mode.
 
-`RobustModel` is a functional `keras.Model` whose `train_step` perturbs the
-inputs (PGD-AT, TRADES or FGSM with random start) and adds (per-layer)
-Jacobian regularization to the compiled loss. Users drive it with
-`compile` / `fit` and callbacks as any Keras model.
+`RobustModel` is a functional `keras.Model` whose single `train_step` serves
+plain, Jacobian-regularised and adversarial training, TRADES, KD / ARD / RSLAD
+distillation (`tinyrobust.distill`) and NEO-KD (`tinyrobust.multiexit`): an
+`Objective` says which loss terms to add and what the adversary attacks, an
+`AdversarialTraining` crafts the examples through the shared
+`tinyrobust.attacks.ThreatModel`, and a `JacobianRegularizer` adds its terms.
+Users drive it with `compile` / `fit` and callbacks as any Keras model, on one
+device or under a `tf.distribute` strategy.
 """
+
+import dataclasses
 
 import keras
 import tensorflow as tf
@@ -12,17 +18,18 @@ from keras import ops
 
 from tinyrobust import models
 from tinyrobust.attacks import kernels
+from tinyrobust.attacks.threat import ThreatModel
 from tinyrobust.jacobian import INPUT, JacobianRegularizer, jacobian_norms
-from tinyrobust.validation import check_choice, check_number, check_range
+from tinyrobust.validation import check_choice, check_number
 
-__all__ = ["AdversarialTraining", "RobustModel"]
+__all__ = ["AdversarialTraining", "CrossEntropy", "Objective", "RobustModel", "Step", "weighted_mean"]
 
 METHODS = ("pgd", "trades", "fgsm_rs")
 
 
 @keras.saving.register_keras_serializable(package="tinyrobust")
 class AdversarialTraining:
-    """Configuration of adversarial training.
+    """Configuration of the training adversary.
 
     Methods:
     - "pgd": PGD-AT (Madry et al.): train on PGD examples with random start.
@@ -30,6 +37,8 @@ class AdversarialTraining:
       clean and adversarial predictions, the adversary maximising that KL.
     - "fgsm_rs": FGSM from a uniform random start with step `1.25 * eps`
       ("fast is better than free", Wong et al.).
+
+    Distillation and NEO-KD use "pgd" or "fgsm_rs" on their own attacked loss.
 
     Args:
         method: one of "pgd", "trades", "fgsm_rs".
@@ -40,18 +49,31 @@ class AdversarialTraining:
         beta: TRADES' weight of the robustness term.
         input_range: valid (low, high) of the inputs.
         seed: seed of the random starts.
+
+    Attributes:
+        threat: the `ThreatModel` (norm, epsilon, input range) it perturbs within.
     """
 
     def __init__(self, method="pgd", epsilon=8 / 255, steps=10, step_size=None, norm="linf", beta=6.0,
                  input_range=(0.0, 1.0), seed=None):
         self.method = check_choice("method", method, METHODS)
-        self.norm = check_choice("norm", norm, kernels.NORMS)
+        self.threat = ThreatModel(norm, epsilon, input_range)
         self.steps = check_number("steps", steps, low=1, integer=True)
         self.seed = seed
-        self.epsilon = float(check_number("epsilon", epsilon, low=0))
         self.step_size = None if step_size is None else float(check_number("step_size", step_size, low=0, low_open=True))
         self.beta = float(check_number("beta", beta, low=0))
-        self.input_range = check_range(input_range)
+
+    @property
+    def epsilon(self):
+        return self.threat.epsilon
+
+    @property
+    def norm(self):
+        return self.threat.norm
+
+    @property
+    def input_range(self):
+        return self.threat.input_range
 
     def step_size_for(self, epsilon):
         """The step size used at radius `epsilon` (a tensor when scheduled)."""
@@ -62,7 +84,7 @@ class AdversarialTraining:
         return 2.5 * epsilon / self.steps
 
     def perturb(self, loss_fn, x, seed, epsilon=None, start="uniform"):
-        """Adversarial inputs maximising `loss_fn` within this threat model.
+        """Adversarial inputs maximising `loss_fn` within the threat model.
 
         Args:
             loss_fn: maps a batch of inputs to per-example losses.
@@ -82,8 +104,8 @@ class AdversarialTraining:
         elif start == "small":
             delta = 0.001 * keras.random.normal(ops.shape(x), dtype=x.dtype, seed=seed)
         else:
-            delta = kernels.random_start(x, eps, self.norm, seed=seed)
-        return kernels.pgd(loss_fn, x, eps, self.step_size_for(eps), steps, self.norm, delta, self.input_range)
+            delta = self.threat.random_start(x, seed, epsilon=eps)
+        return self.threat.pgd(loss_fn, x, self.step_size_for(eps), steps, start=delta, epsilon=eps)
 
     def get_config(self):
         return {"method": self.method, "epsilon": self.epsilon, "steps": self.steps, "step_size": self.step_size,
@@ -123,30 +145,186 @@ def _deserialize(value, cls):
     raise ValueError(f"Expected a {cls.__name__}, its config or None. Received: {value!r}")
 
 
-class _Untracked:
+class Untracked:
     """Holds objects that Keras must not track (and save) as part of the model."""
 
     def __init__(self, **items):
         self.__dict__.update(items)
 
 
+def weighted_mean(values, sample_weight=None):
+    """Batch mean of per-example `values`; with weights `sum(w * v) / batch`, as Keras reduces weighted losses."""
+    if sample_weight is None:
+        return ops.mean(values)
+    weight = ops.reshape(ops.cast(sample_weight, values.dtype), (-1,))
+    return ops.sum(values * weight) / ops.cast(ops.shape(values)[0], values.dtype)
+
+
+@dataclasses.dataclass
+class Step:
+    """What one training step has computed, handed to the `Objective`.
+
+    Attributes:
+        x: clean inputs.
+        labels: integer labels.
+        context: what `Objective.targets` returned besides the labels (e.g. teacher logits).
+        sample_weight: per-example weights or None.
+        x_adv: adversarial inputs, or None.
+        clean: the model's training-mode outputs on `x`, or None if the objective needs no clean pass.
+        adv: the same on `x_adv`, or None.
+    """
+
+    x: object
+    labels: object
+    context: object
+    sample_weight: object
+    x_adv: object = None
+    clean: object = None
+    adv: object = None
+
+
+class Objective:
+    """The loss terms of a training mode, plugged into `RobustModel.train_step`.
+
+    Subclasses say which forward passes they need (`passes`), what the
+    adversary maximises (`adversarial_examples`), and turn the outputs into
+    loss terms (`losses`). The engine adds the Jacobian terms, scales the loss
+    for distribution, applies the gradients and logs every term.
+
+    Attributes:
+        seeds: names of the objective's own random streams; the engine
+            creates them (tracked, so `tinyrobust.callbacks.SeedEachEpoch`
+            reseeds them), seeded with the objective's `seed` attribute, and
+            hands them out as `model.random_stream(name)`.
+    """
+
+    seeds = ()
+
+    def streams(self, model):
+        """The model's random streams in creation order: "projection" (Jacobian projections), "attack"
+        (adversarial starts) and the objective's `seeds`. The order numbers the streams
+        `tinyrobust.callbacks.SeedEachEpoch` reseeds, so it stays fixed for a mode: the same seed gives the
+        same run across versions."""
+        return ("projection", "attack", *self.seeds)
+
+    def check(self, model):
+        """Validates the objective against the model (e.g. its number of outputs)."""
+
+    def targets(self, model, x, y, training=True):
+        """`(labels, context)` from the batch's targets; `context` reaches `Step.context`."""
+        return y, None
+
+    def adversarial_examples(self, model, x, labels, context, perturb):
+        """Adversarial inputs; `perturb(loss_fn, start="uniform")` runs the model's adversary on `loss_fn`."""
+        return perturb(lambda z: kernels.cross_entropy(model(z, training=False), labels))
+
+    def passes(self, model, adversarial):
+        """`(clean, adv)`: which training-mode forward passes the loss needs (the Jacobian terms ride on the
+        first one)."""
+        raise NotImplementedError
+
+    def losses(self, model, step):
+        """`(parts, logs)`: `parts` is a list of scalar loss tensors summed in order (the Jacobian penalty
+        goes after the first); `logs` maps the names of `scalar_logs` to batch values."""
+        raise NotImplementedError
+
+    def scalar_logs(self, model):
+        """Names of the loss terms `losses` logs (each a batch mean)."""
+        return []
+
+    def accuracy_logs(self, model):
+        """Names of the accuracies `update_accuracies` logs."""
+        return []
+
+    def update_accuracies(self, model, trackers, labels, clean, sample_weight):
+        """Updates the accuracy trackers from the clean outputs (training and evaluation)."""
+
+    def test_loss(self, model, x, labels, outputs, sample_weight):
+        """The evaluation loss (unscaled batch mean)."""
+        return weighted_mean(kernels.cross_entropy(outputs, labels), sample_weight)
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def _unscaled(value):
+    """A loss Keras divided by the replica count (`Model.compute_loss`), as the per-replica mean."""
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return value if replicas == 1 else value * replicas
+
+
+@keras.saving.register_keras_serializable(package="tinyrobust")
+class CrossEntropy(Objective):
+    """The classification loss: the compiled loss (default sparse cross-entropy on logits) on the clean
+    inputs, on the adversarial inputs for PGD-AT and FGSM-RS, and for TRADES on the clean inputs plus
+    `beta * KL(clean || adversarial)` (logged as `robust_kl`)."""
+
+    def _trades(self, model):
+        return model.adversary is not None and model.adversary.method == "trades"
+
+    def adversarial_examples(self, model, x, labels, context, perturb):
+        if self._trades(model):
+            clean = ops.stop_gradient(model(x, training=False))
+            return perturb(lambda z: kernels.kl_divergence(clean, model(z, training=False)), start="small")
+        return super().adversarial_examples(model, x, labels, context, perturb)
+
+    def passes(self, model, adversarial):
+        if not adversarial:
+            return True, False
+        return self._trades(model), True
+
+    def scalar_logs(self, model):
+        return ["ce", "robust_kl"] if self._trades(model) else ["ce"]
+
+    def _ce(self, model, x, labels, logits, sample_weight, training):
+        if model.loss is None:  # compiled without a loss: sparse cross-entropy on logits
+            return weighted_mean(kernels.cross_entropy(logits, labels), sample_weight)
+        return _unscaled(model.compute_loss(x=x, y=labels, y_pred=logits, sample_weight=sample_weight,
+                                            training=training))
+
+    def losses(self, model, step):
+        trained, inputs = (step.clean, step.x) if step.clean is not None else (step.adv, step.x_adv)
+        ce = self._ce(model, inputs, step.labels, trained, step.sample_weight, True)
+        if step.clean is None or step.adv is None:
+            return [ce], {"ce": ce}
+        robust = weighted_mean(kernels.kl_divergence(step.clean, step.adv), step.sample_weight)
+        return [ce, model.adversary.beta * robust], {"ce": ce, "robust_kl": robust}
+
+    def test_loss(self, model, x, labels, outputs, sample_weight):
+        return self._ce(model, x, labels, outputs, sample_weight, False)
+
+
 @keras.saving.register_keras_serializable(package="tinyrobust")
 class RobustModel(keras.Model):
-    """A functional model trained with Jacobian regularization and/or adversarial training.
+    """A functional model trained by the one robust training step.
 
     Construct it like a functional model, `RobustModel(inputs, outputs,
-    jacobian=..., adversary=...)`, or wrap an existing one with
+    jacobian=..., adversary=..., objective=...)`, or wrap an existing one with
     `RobustModel.wrap(model, ...)`. The outputs must be logits. Compile with
-    the classification loss (e.g. `SparseCategoricalCrossentropy(from_logits=True)`).
+    the classification loss (e.g. `SparseCategoricalCrossentropy(from_logits=True)`);
+    distillation and NEO-KD need only an optimizer.
 
-    Logged in training: `loss` (total), `ce`, `jacobian` and one
-    `jacobian/<layer>` per regularised tensor, the compiled metrics on clean
-    inputs, and `adv_accuracy` on the training adversarial examples.
+    Logged in training: `loss` (total), the objective's terms (`ce`,
+    `robust_kl`, `distill`, `natural_kl`, `nkd`, `eokd`), `jacobian` and one
+    `jacobian/<layer>` per regularised tensor, `adv_accuracy` on the training
+    adversarial examples, and the compiled metrics on the clean inputs when the
+    step has a clean pass (TRADES, distillation, NEO-KD, plain training) or
+    `clean_metrics=True` (one extra inference pass for PGD-AT and FGSM-RS).
+
+    Under a `tf.distribute` strategy each replica's loss is divided by the
+    replica count, so the summed gradients are those of the global batch.
 
     Args:
         *args: functional model arguments (inputs, outputs).
         jacobian: a `JacobianRegularizer`, its config, or None.
         adversary: an `AdversarialTraining`, its config, or None.
+        objective: an `Objective` (its config), or None for `CrossEntropy`.
+        clean_metrics: run an extra inference pass on the clean inputs for
+            the compiled metrics when the step has none.
         **kwargs: functional model keyword arguments (name, ...).
 
     Attributes:
@@ -156,34 +334,36 @@ class RobustModel(keras.Model):
             (`tinyrobust.callbacks.EpsilonScheduler` sets it).
     """
 
-    def __init__(self, *args, jacobian=None, adversary=None, **kwargs):
+    def __init__(self, *args, jacobian=None, adversary=None, objective=None, clean_metrics=False, **kwargs):
         super().__init__(*args, **kwargs)
         self.jacobian_scale = self.add_weight(shape=(), initializer="ones", trainable=False, name="jacobian_scale")
         self.epsilon_scale = self.add_weight(shape=(), initializer="ones", trainable=False, name="epsilon_scale")
-        self.configure(jacobian=jacobian, adversary=adversary)
+        self.configure(jacobian=jacobian, adversary=adversary, objective=objective, clean_metrics=clean_metrics)
 
     @classmethod
-    def wrap(cls, model, jacobian=None, adversary=None, name=None):
+    def wrap(cls, model, jacobian=None, adversary=None, objective=None, clean_metrics=False, name=None):
         """A `RobustModel` sharing the layers (and weights) of a functional or Sequential model."""
-        if not getattr(model, "inputs", None) or not getattr(model, "outputs", None):
-            raise ValueError(
-                "Expected a built functional or Sequential model with inputs and outputs. "
-                f"Received: model={getattr(model, 'name', model)!r}"
-            )
+        _check_wrappable(model)
         return cls(models.inputs_of(model), model.outputs, jacobian=jacobian, adversary=adversary,
-                   name=name or f"robust_{model.name}")
+                   objective=objective, clean_metrics=clean_metrics, name=name or f"robust_{model.name}")
 
-    def configure(self, jacobian=None, adversary=None):
-        """Sets the regularizer and the adversary; validates them against the model.
+    def configure(self, jacobian=None, adversary=None, objective=None, clean_metrics=False):
+        """Sets the regularizer, the adversary and the objective; validates them against the model.
 
         Raises:
-            ValueError: unknown layer names, or a regularised layer whose output
-                does not reach the logits.
+            ValueError: unknown layer names, a regularised layer whose output
+                does not reach the logits, or an objective that does not fit
+                the model.
         """
         self.jacobian = _deserialize(jacobian, JacobianRegularizer)
         self.adversary = _deserialize(adversary, AdversarialTraining)
-        if len(self.outputs) != 1:
-            raise ValueError(f"RobustModel needs exactly one output (the logits). Received: {len(self.outputs)} outputs")
+        self.objective = CrossEntropy() if objective is None else _deserialize(objective, Objective)
+        self.clean_metrics = bool(clean_metrics)
+        if len(self.outputs) != 1 and (self.jacobian is not None or isinstance(self.objective, CrossEntropy)):
+            raise ValueError("A RobustModel with cross-entropy or Jacobian terms needs exactly one output (the "
+                             f"logits); multi-exit models train with `multiexit.NEOKD`. Received: {len(self.outputs)} "
+                             "outputs")
+        self.objective.check(self)
         features = None
         if self.jacobian is not None:
             names = {layer.name for layer in self.layers}
@@ -196,21 +376,40 @@ class RobustModel(keras.Model):
             hidden = [self.get_layer(n).output for n in self.jacobian.hidden_layers]
             # One forward pass gives the logits and every regularised activation.
             features = keras.Model(models.inputs_of(self), [self.outputs[0], *hidden], name=f"{self.name}_features")
-        seed = None if self.jacobian is None else self.jacobian.seed
-        attack_seed = None if self.adversary is None else self.adversary.seed
-        self._aux = _Untracked(features=features, trackers=self._make_trackers())
-        # Tracked, so that `tinyrobust.callbacks.SeedEachEpoch` finds them (their state is not saved).
-        self._projection_seed = keras.random.SeedGenerator(seed, name="projection_seed")
-        self._attack_seed = keras.random.SeedGenerator(attack_seed, name="attack_seed")
+        self._aux = Untracked(features=features, trackers=self._make_trackers())
+        # Tracked, so that `tinyrobust.callbacks.SeedEachEpoch` finds them (their state is not saved); created
+        # in the objective's order, which `SeedEachEpoch` numbers them by.
+        seeds = {"projection": None if self.jacobian is None else self.jacobian.seed,
+                 "attack": None if self.adversary is None else self.adversary.seed,
+                 **{name: getattr(self.objective, "seed", None) for name in self.objective.seeds}}
+        self._streams = {name: keras.random.SeedGenerator(seeds[name], name=f"{name}_seed")
+                         for name in self.objective.streams(self)}
         if self.jacobian is not None and self.jacobian.hidden_layers:
             self._check_layers_reach_logits()
 
+    def random_stream(self, name):
+        """The `keras.random.SeedGenerator` of the random stream `name` ("projection", "attack", or one of
+        the objective's `seeds`)."""
+        if name not in self._streams:
+            raise ValueError(f"The model has the random streams {list(self._streams)}. Received: name={name!r}")
+        return self._streams[name]
+
+    @property
+    def _projection_seed(self):
+        return self._streams.get("projection")
+
+    @property
+    def _attack_seed(self):
+        return self._streams.get("attack")
+
     def _make_trackers(self):
-        names = ["ce"]
+        names = ["loss", *self.objective.scalar_logs(self)]
         if self.jacobian is not None:
             names.append("jacobian")
             names += [f"jacobian/{n}" for n in self.jacobian.layers]
         trackers = {n: keras.metrics.Mean(name=n) for n in names}
+        for name in self.objective.accuracy_logs(self):
+            trackers[name] = keras.metrics.SparseCategoricalAccuracy(name=name)
         if self.adversary is not None:
             trackers["adv_accuracy"] = keras.metrics.SparseCategoricalAccuracy(name="adv_accuracy")
         return trackers
@@ -227,28 +426,29 @@ class RobustModel(keras.Model):
 
     @property
     def metrics(self):
-        return super().metrics + list(self._aux.trackers.values())
+        # This step logs its own total `loss`; Keras' loss tracker (also named "loss") is left out.
+        compiled = [m for m in super().metrics if m.name != "loss"]
+        return [self._aux.trackers["loss"], *compiled, *list(self._aux.trackers.values())[1:]]
+
+    def get_metrics_result(self):
+        """The results of `self.metrics`, leaving out compiled metrics that no step has updated yet (a PGD-AT
+        or FGSM-RS step has no clean outputs to update them with, unless `clean_metrics`)."""
+        results = {}
+        for metric in self.metrics:
+            if not getattr(metric, "built", True):
+                continue
+            result = metric.result()
+            results.update(result if isinstance(result, dict) else {metric.name: result})
+        return results
 
     # -- training -----------------------------------------------------------------------------
 
-    def _replicas(self):
-        return tf.distribute.get_strategy().num_replicas_in_sync
-
-    def _adversarial_examples(self, x, y):
-        adversary = self.adversary
-        eps = adversary.epsilon * self.epsilon_scale
-        seed = self._attack_seed
-        if adversary.method == "trades":
-            clean = ops.stop_gradient(self(x, training=False))
-            loss_fn = lambda z: kernels.kl_divergence(clean, self(z, training=False))  # noqa: E731
-            return adversary.perturb(loss_fn, x, seed, epsilon=eps, start="small")
-        return adversary.perturb(lambda z: kernels.cross_entropy(self(z, training=False), y), x, seed, epsilon=eps)
-
-    def forward_with_jacobian(self, x):
+    def forward_with_jacobian(self, x, sample_weight=None):
         """One training forward pass.
 
         Args:
             x: a batch of inputs.
+            sample_weight: per-example weights of the Jacobian terms, or None.
 
         Returns:
             `(logits, terms)`: `terms` maps each regularised tensor ("input" or a
@@ -264,68 +464,126 @@ class RobustModel(keras.Model):
             logits, *hidden = outputs if isinstance(outputs, (list, tuple)) else [outputs]
         names = list(self.jacobian.layers)
         sources = [x if n == INPUT else hidden[self.jacobian.hidden_layers.index(n)] for n in names]
-        norms = jacobian_norms(tape, logits, sources, projections, seed=self._projection_seed)
+        norms = jacobian_norms(tape, logits, sources, projections, seed=self._projection_seed,
+                               sample_weight=sample_weight)
         return logits, dict(zip(names, norms))
 
     def jacobian_penalty(self, terms):
         """The weighted Jacobian loss `sum_l 0.5 * w_l * term_l`, times `jacobian_scale`."""
         return sum(0.5 * self.jacobian.layers[n] * t for n, t in terms.items()) * self.jacobian_scale
 
+    def adversarial_examples(self, x, y):
+        """The training adversary's examples for a batch (labels or the objective's targets), or None when
+        the model has no adversary or a zero epsilon."""
+        x = ops.convert_to_tensor(x)
+        labels, context = self.objective.targets(self, x, y)
+        return self._adversarial_examples(x, labels, context)
+
+    def _adversarial_examples(self, x, labels, context):
+        if self.adversary is None or self.adversary.epsilon == 0:
+            return None
+        epsilon = self.adversary.epsilon * self.epsilon_scale
+
+        def perturb(loss_fn, start="uniform"):
+            return self.adversary.perturb(loss_fn, x, self._attack_seed, epsilon=epsilon, start=start)
+
+        return self.objective.adversarial_examples(self, x, labels, context, perturb)
+
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x = ops.convert_to_tensor(x)
-        x_adv = None
-        if self.adversary is not None and self.adversary.epsilon > 0:
-            x_adv = self._adversarial_examples(x, y)
-        trades = self.adversary is not None and self.adversary.method == "trades"
-        x_train = x if x_adv is None or trades else x_adv
-
+        labels, context = self.objective.targets(self, x, y)
+        x_adv = self._adversarial_examples(x, labels, context)
+        use_clean, use_adv = self.objective.passes(self, x_adv is not None)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        step = Step(x, labels, context, sample_weight, x_adv)
         with tf.GradientTape() as tape:
-            logits, terms = self.forward_with_jacobian(x_train)
-            ce = self._compute_loss(x=x_train, y=y, y_pred=logits, sample_weight=sample_weight, training=True)
-            loss = ce
+            # The Jacobian terms ride on the first pass.
+            logits, terms = self.forward_with_jacobian(x if use_clean else x_adv, sample_weight)
+            step.clean = logits if use_clean else None
+            if use_adv:
+                step.adv = self(x_adv, training=True) if use_clean else logits
+            parts, logs = self.objective.losses(self, step)
+            loss = parts[0]
             if terms:
                 jacobian = self.jacobian_penalty(terms)
-                # Like the compiled loss, the per-replica mean is divided by the replica count,
-                # so that summing gradients over replicas gives the global-batch mean.
-                loss = loss + jacobian / self._replicas()
-            if trades and x_adv is not None:
-                adv_logits = self(x_adv, training=True)
-                robust = ops.mean(kernels.kl_divergence(logits, adv_logits))
-                loss = loss + self.adversary.beta * robust / self._replicas()
-            scaled = self.optimizer.scale_loss(loss) if self.optimizer is not None else loss
+                loss = loss + jacobian
+            for part in parts[1:]:
+                loss = loss + part
+            # Each replica's mean over its share of the batch, divided by the replica count: the summed
+            # gradients are those of the global-batch mean.
+            scaled = loss if replicas == 1 else loss / replicas
+            scaled = self.optimizer.scale_loss(scaled) if self.optimizer is not None else scaled
         gradients = tape.gradient(scaled, self.trainable_weights)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
+        return self._log(step, loss, logs, terms, jacobian if terms else None)
 
-        batch = ops.shape(x)[0]
-        replicas = self._replicas()
-        self._loss_tracker.update_state(loss * replicas, sample_weight=batch)
+    def _log(self, step, loss, logs, terms, jacobian):
         trackers = self._aux.trackers
-        trackers["ce"].update_state(ce * replicas, sample_weight=batch)
+        batch = ops.shape(step.x)[0]
+        trackers["loss"].update_state(loss, sample_weight=batch)
+        for name, value in logs.items():
+            trackers[name].update_state(value, sample_weight=batch)
         if terms:
             trackers["jacobian"].update_state(jacobian, sample_weight=batch)
             for name, value in terms.items():
                 trackers[f"jacobian/{name}"].update_state(value, sample_weight=batch)
-        if x_adv is not None:
-            adv_logits = adv_logits if trades else logits
-            trackers["adv_accuracy"].update_state(y, adv_logits, sample_weight=sample_weight)
-            clean_logits = logits if trades else self(x, training=False)
-        else:
-            clean_logits = logits
-        return self.compute_metrics(x, y, clean_logits, sample_weight=sample_weight)
+        if step.x_adv is not None:
+            adv = step.adv if step.adv is not None else self(step.x_adv, training=False)
+            trackers["adv_accuracy"].update_state(step.labels, _last(adv), sample_weight=step.sample_weight)
+        clean = step.clean
+        if clean is None and self.clean_metrics:
+            clean = self(step.x, training=False)
+        if clean is None:  # no clean outputs: neither the compiled metrics nor the clean accuracies are logged
+            accuracies = self.objective.accuracy_logs(self)
+            return {name: tracker.result() for name, tracker in trackers.items() if name not in accuracies}
+        self.objective.update_accuracies(self, trackers, step.labels, clean, step.sample_weight)
+        return self.compute_metrics(step.x, step.labels, clean, sample_weight=step.sample_weight)
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        labels, _ = self.objective.targets(self, x, y, training=False)
+        outputs = self(x, training=False)
+        trackers = self._aux.trackers
+        loss = self.objective.test_loss(self, x, labels, outputs, sample_weight)
+        trackers["loss"].update_state(loss, sample_weight=ops.shape(x)[0])
+        self.objective.update_accuracies(self, trackers, labels, outputs, sample_weight)
+        logs = self.compute_metrics(x, labels, outputs, sample_weight=sample_weight)
+        evaluated = {"loss", *self.objective.accuracy_logs(self)}
+        return {k: v for k, v in logs.items() if k in evaluated or k not in trackers}
 
     # -- serialization ------------------------------------------------------------------------
 
     def get_config(self):
-        config = super().get_config()
+        # The graph of a plain functional model on the same layers: subclasses with their own constructor
+        # (distill.RobustDistiller, multiexit.NEOKD) save as the RobustModel they train.
+        config = keras.Model(models.inputs_of(self), self.outputs, name=self.name).get_config()
+        config["trainable"] = self.trainable
         config["jacobian"] = None if self.jacobian is None else keras.saving.serialize_keras_object(self.jacobian)
         config["adversary"] = None if self.adversary is None else keras.saving.serialize_keras_object(self.adversary)
+        config["objective"] = (None if isinstance(self.objective, CrossEntropy)
+                               else keras.saving.serialize_keras_object(self.objective))
+        config["clean_metrics"] = self.clean_metrics
         return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        jacobian, adversary = config.pop("jacobian", None), config.pop("adversary", None)
+        settings = {key: config.pop(key, None) for key in ("jacobian", "adversary", "objective")}
+        clean_metrics = bool(config.pop("clean_metrics", False))
         model = super().from_config(config, custom_objects=custom_objects)
-        model.configure(jacobian=jacobian, adversary=adversary)
+        model.configure(clean_metrics=clean_metrics, **settings)
         return model
+
+
+def _last(outputs):
+    """The last (backbone) logits of a multi-exit model, or the logits."""
+    return outputs[-1] if isinstance(outputs, (list, tuple)) else outputs
+
+
+def _check_wrappable(model):
+    if not getattr(model, "inputs", None) or not getattr(model, "outputs", None):
+        raise ValueError(
+            "Expected a built functional or Sequential model with inputs and outputs. "
+            f"Received: model={getattr(model, 'name', model)!r}"
+        )

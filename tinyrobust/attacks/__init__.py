@@ -20,9 +20,10 @@ from tinyrobust.attacks.evaluation import (
 )
 from tinyrobust.attacks.gradient import APGD, FGSM, MIM, PGD, APGDTargeted, CarliniWagnerL2, DeepFool
 from tinyrobust.attacks.suites import SUITES, Cascade, suite
+from tinyrobust.attacks.threat import ThreatModel
 
 __all__ = [
     "APGD", "APGDTargeted", "Attack", "AttackResult", "Boundary", "Cascade", "CarliniWagnerL2", "CheckReport", "DeepFool", "EOT", "FGSM",
     "HopSkipJump", "MIM", "PGD", "RobustnessReport", "SimBA", "Square", "Transfer", "check_model", "kernels",
-    "SUITES", "robust_accuracy", "suite",
+    "SUITES", "ThreatModel", "robust_accuracy", "suite",
 ]

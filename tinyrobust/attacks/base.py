@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from tinyrobust.attacks import kernels
+from tinyrobust.attacks.threat import ThreatModel
 from tinyrobust.validation import check_choice, check_labels, check_number, check_range
 
 
@@ -174,12 +175,11 @@ class Attack:
 
     def _project(self, x, x_adv, eps):
         """Guarantees the bound and the input range whatever the attack did."""
-        delta = x_adv - x
-        if self.norm == "linf":
-            delta = np.clip(delta, -eps, eps)
-        else:
-            delta = delta * per_example(np.minimum(1.0, eps / np.maximum(per_example_norm(delta, "l2"), 1e-12)), x)
-        return np.clip(x + delta, *self.input_range).astype("float32")
+        return np.asarray(self.threat_model(eps).project(x, x_adv - x), "float32")
+
+    def threat_model(self, eps):
+        """The `ThreatModel` of this attack at radius `eps`."""
+        return ThreatModel(self.norm, eps, self.input_range)
 
     def first_success(self, model, y, candidates):
         """Per example, the first candidate batch that succeeds (the last one if none does).

@@ -25,16 +25,6 @@ from tinyrobust.validation import check_number
 __all__ = ["PGD", "FGSM", "MIM", "APGD", "APGDTargeted", "CarliniWagnerL2", "DeepFool"]
 
 
-def _start(rng, x, eps, norm):
-    """A uniform random start in the ball, drawn with numpy for reproducibility."""
-    if norm == "linf":
-        return rng.uniform(-eps, eps, size=x.shape).astype("float32")
-    direction = rng.normal(size=x.shape)
-    direction /= per_example(per_example_norm(direction, "l2"), x)
-    radius = eps * rng.uniform(size=len(x)) ** (1.0 / x[0].size)
-    return (direction * per_example(radius, x)).astype("float32")
-
-
 class PGD(Attack):
     """Projected gradient descent (Madry et al. 2018) on the cross-entropy.
 
@@ -80,7 +70,7 @@ class PGD(Attack):
         step_size = self.step_size if self.step_size is not None else self.rel_step_size * eps
 
         def restart():
-            start = _start(rng, x, eps, self.norm) if self.random_start else np.zeros_like(x)
+            start = kernels.random_start(x, eps, self.norm, seed=rng) if self.random_start else np.zeros_like(x)
             return run(tf.constant(x), tf.constant(y), tf.constant(eps, tf.float32),
                        tf.constant(step_size, tf.float32), tf.constant(self.steps), tf.constant(start)).numpy()
 
@@ -198,7 +188,7 @@ class APGD(Attack):
             return value, tape.gradient(value, z, unconnected_gradients=tf.UnconnectedGradients.ZERO), success
 
         def project(x, z, eps):
-            return ops.clip(x + kernels.project(z - x, eps, norm), low, high)
+            return kernels.project_into(x, z - x, eps, norm, (low, high))
 
         @tf.function(reduce_retracing=True)
         def run(x, y, target, eps, checkpoints, start):
@@ -257,7 +247,7 @@ class APGD(Attack):
         true = labels_of(predict(model, x)).astype("int32") if self.targeted else y
 
         def restart():
-            start = _start(rng, x, eps, self.norm)
+            start = kernels.random_start(x, eps, self.norm, seed=rng)
             return run(tf.constant(x), tf.constant(true), tf.constant(y), tf.constant(eps, tf.float32), checkpoints,
                        tf.constant(start)).numpy()
 

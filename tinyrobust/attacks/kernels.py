@@ -6,6 +6,7 @@ Inputs are batches; `eps` bounds the perturbation in the given norm.
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -36,19 +37,56 @@ def normalized_step(gradient, norm):
 
 
 def random_start(x, eps, norm, seed=None):
-    """A uniform random point of the `norm` ball of radius `eps` around zero."""
+    """A uniform random point of the `norm` ball of radius `eps` around zero, one per example.
+
+    The one random start of every attack and training adversary.
+
+    Args:
+        x: a batch of inputs (only its shape and dtype are used).
+        eps: radius (scalar, may be a tensor).
+        norm: "linf" or "l2".
+        seed: an int or `keras.random.SeedGenerator` (draws inside TensorFlow, e.g. in a
+            compiled train step), or a `numpy.random.Generator` (evaluation: float64 draws
+            reproducible outside TensorFlow).
+
+    Returns:
+        A tensor shaped like `x`, in its dtype.
+    """
+    shape = ops.shape(x)
+    if isinstance(seed, np.random.Generator):
+        dtype = "float64"
+        uniform = lambda size: ops.convert_to_tensor(seed.uniform(size=size))  # noqa: E731
+        normal = lambda size: ops.convert_to_tensor(seed.normal(size=size))  # noqa: E731
+    else:
+        dtype = x.dtype
+        uniform = lambda size: keras.random.uniform(size, dtype=dtype, seed=seed)  # noqa: E731
+        normal = lambda size: keras.random.normal(size, dtype=dtype, seed=seed)  # noqa: E731
+    eps = ops.cast(eps, dtype)
     if norm == "linf":
-        return keras.random.uniform(ops.shape(x), -eps, eps, dtype=x.dtype, seed=seed)
-    direction = keras.random.normal(ops.shape(x), dtype=x.dtype, seed=seed)
-    direction = direction / _expand(_batch_norm(direction), x)
-    size = ops.prod(ops.shape(x)[1:])
-    radius = eps * keras.random.uniform((ops.shape(x)[0],), dtype=x.dtype, seed=seed) ** (1.0 / ops.cast(size, x.dtype))
-    return direction * _expand(radius, x)
+        delta = uniform(shape) * (eps - (-eps)) + (-eps)  # the arithmetic of a uniform draw in [-eps, eps]
+    else:
+        direction = normal(shape)
+        direction = direction / _expand(_batch_norm(direction), direction)
+        size = ops.cast(ops.prod(shape[1:]), dtype)
+        radius = eps * uniform((shape[0],)) ** (1.0 / size)
+        delta = direction * _expand(radius, direction)
+    return ops.cast(delta, x.dtype)
 
 
 def clip_to_range(x, input_range):
     """Clips inputs to the valid `(low, high)` range."""
     return ops.clip(x, input_range[0], input_range[1])
+
+
+def project_into(x, delta, eps, norm, input_range):
+    """`x + delta` brought into the threat model: `delta` projected onto the `eps` ball, the sum clipped to the
+    input range. The one projection of every attack and training adversary."""
+    return clip_to_range(x + project(delta, eps, norm), input_range)
+
+
+def ascent_step(x, x_adv, gradient, step_size, eps, norm, input_range):
+    """One projected steepest-ascent step of size `step_size` from `x_adv` (the one step rule of PGD-type attacks)."""
+    return project_into(x, x_adv + step_size * normalized_step(gradient, norm) - x, eps, norm, input_range)
 
 
 def cross_entropy(logits, labels):
@@ -91,8 +129,7 @@ def pgd(loss_fn, x, eps, step_size, steps, norm="linf", start=None, input_range=
         Adversarial inputs, without gradient.
     """
     x = ops.stop_gradient(x)
-    delta = ops.zeros_like(x) if start is None else start
-    x_adv = clip_to_range(x + project(delta, eps, norm), input_range)
+    x_adv = project_into(x, ops.zeros_like(x) if start is None else start, eps, norm, input_range)
     velocity = ops.zeros_like(x)
     for _ in range(steps):
         gradient = input_gradient(loss_fn, x_adv)
@@ -100,8 +137,7 @@ def pgd(loss_fn, x, eps, step_size, steps, norm="linf", start=None, input_range=
             l1 = ops.sum(ops.reshape(ops.abs(gradient), (ops.shape(x)[0], -1)), axis=-1)
             velocity = momentum * velocity + gradient / _expand(ops.maximum(l1, 1e-12), gradient)
             gradient = velocity
-        delta = project(x_adv + step_size * normalized_step(gradient, norm) - x, eps, norm)
-        x_adv = clip_to_range(x + delta, input_range)
+        x_adv = ascent_step(x, x_adv, gradient, step_size, eps, norm, input_range)
     return ops.stop_gradient(x_adv)
 
 
