@@ -61,7 +61,8 @@ def random_start(x, eps, norm, seed=None):
         dtype = x.dtype
         uniform = lambda size: keras.random.uniform(size, dtype=dtype, seed=seed)  # noqa: E731
         normal = lambda size: keras.random.normal(size, dtype=dtype, seed=seed)  # noqa: E731
-    eps = ops.cast(eps, dtype)
+    # A Python radius straight to `dtype` (via float32 it would change in float64).
+    eps = ops.cast(eps, dtype) if hasattr(eps, "dtype") else ops.convert_to_tensor(eps, dtype=dtype)
     if norm == "linf":
         delta = uniform(shape) * (eps - (-eps)) + (-eps)  # the arithmetic of a uniform draw in [-eps, eps]
     else:
