@@ -2,11 +2,13 @@ import dataclasses
 import json
 import pathlib
 
+import numpy as np
 import pytest
 
 import tinyrobust as tr
 from tinyrobust import bench, cli
 from tinyrobust.bench import results as results_lib
+from tinyrobust.bench import runner
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
@@ -86,6 +88,7 @@ attacks = { fgsm = { type = "FGSM" } }
         ("train = 5\n" + BASE, "train=5"),
         (BASE + "\n[train]\nlearning_rate = inf\n", "train.learning_rate=inf"),
         (BASE + "\n[train]\naugment = \"yes\"\n", "train.augment='yes'"),
+        (BASE + "\n[train]\ndistribute = \"tpu\"\n", "train.distribute='tpu'"),
         (BASE + "\n[export]\nenabled = \"no\"\n", "export.enabled='no'"),
         (BASE + "\n[export]\ncompress = 1\n", "export.compress=1"),
         (BASE + "\n[export]\ndeployed_queries = 100\ndeployed_attacks = [\"hopskipjump\"]\n", "at least 162 queries"),
@@ -357,6 +360,22 @@ def test_plain_multi_exit_model_trains_on_the_mean_exit_cross_entropy(tmp_path):
     (result,) = bench.run(bench.load(_write(tmp_path, text)), tmp_path / "run", verbose=False)
     assert result["model"]["neokd"] is None and len(result["multi_exit"]["clean"]) == 2
     assert set(result["multi_exit"]["attacks"]) == {"average"}
+
+
+def test_distribute_mirrored_trains_the_same_model_and_records_it(tmp_path):
+    text = BASE + "\n[train]\nlimit = 64\n[export]\nenabled = false\n"
+    single = bench.load(_write(tmp_path, text))
+    mirrored = bench.load(_write(tmp_path, text.replace("limit = 64", 'limit = 64\ndistribute = "mirrored"')))
+    assert "distribute" not in single.train.to_dict()  # one device: the canonical form (and fingerprint) of before
+    assert mirrored.train.distribute == "mirrored"
+    weights = []
+    for config, out in ((single, tmp_path / "single"), (mirrored, tmp_path / "mirrored")):
+        model, _ = runner.train(config, config.models[0], out, verbose=False)
+        weights.append(model.get_weights())
+        record = json.loads((out / "models" / "m.train.json").read_text())
+        assert record["settings"]["train"].get("distribute") == config.train.distribute
+    for a, b in zip(*weights):  # one CPU: a mirrored run of one replica is the same step
+        np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_a_second_run_into_a_busy_folder_stops_at_once(tmp_path):

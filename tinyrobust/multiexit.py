@@ -354,7 +354,9 @@ class NeoKD(Objective):
     def adversarial_examples(self, model, x, labels, context, perturb):
         # Every single-exit attack of the max-average attack starts from the same point.
         adversary = model.adversary
-        start = adversary.threat.random_start(x, model.random_stream("attack"), epsilon=adversary.epsilon * model.epsilon_scale)
+        start = (adversary.threat.random_start(x, model.random_stream("attack"),
+                                               epsilon=adversary.epsilon * model.epsilon_scale)
+                 if adversary.random_start else ops.zeros_like(x))
         return multi_exit_attack(model, labels, self.attack, lambda loss_fn: perturb(loss_fn, start=start))
 
     def passes(self, model, adversarial):

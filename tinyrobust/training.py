@@ -49,14 +49,21 @@ class AdversarialTraining:
         beta: TRADES' weight of the robustness term.
         input_range: valid (low, high) of the inputs.
         seed: seed of the random starts.
+        random_start: start from a random point (uniform in the ball, or
+            TRADES' and RSLAD's small Gaussian); False starts at the clean
+            input, which makes the examples deterministic (e.g. to compare
+            runs across devices).
 
     Attributes:
         threat: the `ThreatModel` (norm, epsilon, input range) it perturbs within.
     """
 
     def __init__(self, method="pgd", epsilon=8 / 255, steps=10, step_size=None, norm="linf", beta=6.0,
-                 input_range=(0.0, 1.0), seed=None):
+                 input_range=(0.0, 1.0), seed=None, random_start=True):
         self.method = check_choice("method", method, METHODS)
+        if not isinstance(random_start, bool):
+            raise ValueError(f"Expected `random_start` to be True or False. Received: random_start={random_start!r}")
+        self.random_start = random_start
         self.threat = ThreatModel(norm, epsilon, input_range)
         self.steps = check_number("steps", steps, low=1, integer=True)
         self.seed = seed
@@ -101,6 +108,8 @@ class AdversarialTraining:
         steps = 1 if self.method == "fgsm_rs" else self.steps
         if not isinstance(start, str):
             delta = start
+        elif not self.random_start:
+            delta = ops.zeros_like(x)
         elif start == "small":
             delta = 0.001 * keras.random.normal(ops.shape(x), dtype=x.dtype, seed=seed)
         else:
@@ -109,7 +118,8 @@ class AdversarialTraining:
 
     def get_config(self):
         return {"method": self.method, "epsilon": self.epsilon, "steps": self.steps, "step_size": self.step_size,
-                "norm": self.norm, "beta": self.beta, "input_range": list(self.input_range), "seed": self.seed}
+                "norm": self.norm, "beta": self.beta, "input_range": list(self.input_range), "seed": self.seed,
+                "random_start": self.random_start}
 
     @classmethod
     def from_config(cls, config):
@@ -431,11 +441,13 @@ class RobustModel(keras.Model):
         return [self._aux.trackers["loss"], *compiled, *list(self._aux.trackers.values())[1:]]
 
     def get_metrics_result(self):
-        """The results of `self.metrics`, leaving out compiled metrics that no step has updated yet (a PGD-AT
-        or FGSM-RS step has no clean outputs to update them with, unless `clean_metrics`)."""
+        """The results of `self.metrics`, leaving out compiled metrics that no step has updated since their
+        reset (a PGD-AT or FGSM-RS step has no clean outputs to update them with, unless `clean_metrics`), so
+        that the epoch's logs have the step's keys and Keras reads them aggregated over replicas."""
         results = {}
+        own = list(self._aux.trackers.values())
         for metric in self.metrics:
-            if not getattr(metric, "built", True):
+            if not any(metric is m for m in own) and not _updated(metric):
                 continue
             result = metric.result()
             results.update(result if isinstance(result, dict) else {metric.name: result})
@@ -574,6 +586,15 @@ class RobustModel(keras.Model):
         model = super().from_config(config, custom_objects=custom_objects)
         model.configure(clean_metrics=clean_metrics, **settings)
         return model
+
+
+def _updated(metric):
+    """False for a metric never built, or (read eagerly, after the steps) with an all-zero state."""
+    if not getattr(metric, "built", True):
+        return False
+    if not tf.executing_eagerly():
+        return True
+    return any(bool(ops.any(ops.not_equal(v, 0))) for v in metric.variables)
 
 
 def _last(outputs):

@@ -19,7 +19,7 @@ import pathlib
 import re
 import tomllib
 
-from tinyrobust import attacks, data, distill, models, quantizers
+from tinyrobust import attacks, data, distill, distribute, models, quantizers
 from tinyrobust.bench.specs import Experiment
 from tinyrobust.validation import check_number
 
@@ -31,7 +31,7 @@ ATTACKS = {
 NORMS = ("linf", "l2")
 _ONLY_NORM = {"CarliniWagnerL2": "l2", "Boundary": "l2"}
 _TOP = {"name", "description", "dataset", "seed", "train", "models", "threat_models", "export", "profiles"}
-_TRAIN = {"epochs", "batch_size", "learning_rate", "limit", "augment", "validation_fraction"}
+_TRAIN = {"epochs", "batch_size", "learning_rate", "limit", "augment", "validation_fraction", "distribute"}
 _MODEL = {"name", "architecture", "quantization", "options", "jacobian", "adversary", "distill", "exits", "neokd"}
 _DISTILL = {"teacher", "method", "temperature", "alpha"}
 _EXITS = {"layers", "thresholds"}
@@ -47,7 +47,7 @@ _DEPLOYED_ATTACKS = ("transfer", "square", "hopskipjump")
 _DEFAULTS = {
     "seed": 0,
     "train": {"epochs": 1, "batch_size": 64, "learning_rate": 1e-3, "limit": None, "augment": False,
-              "validation_fraction": 0.1},
+              "validation_fraction": 0.1, "distribute": None},
     "export": {"enabled": True, "compress": True, "calibration_size": 500, "parity_examples": 1000, "deployed_examples": None,
                "deployed_attacks": ["transfer", "square"], "deployed_queries": 200},
 }
@@ -453,6 +453,9 @@ def load(path, profile=None):
     _number("train.learning_rate", config["train"]["learning_rate"], low=0, low_open=True)
     if config["train"]["limit"] is not None:
         _number("train.limit", config["train"]["limit"], low=1, integer=True)
+    if config["train"]["distribute"] not in (None, *distribute.KINDS):
+        raise ExperimentError(f"Expected `train.distribute` to be one of {', '.join(map(repr, distribute.KINDS))} "
+                              f"(or absent: one device). Received: train.distribute={config['train']['distribute']!r}")
     _unknown("export.", config["export"], _EXPORT)
     for key in ("enabled", "compress"):
         if not isinstance(config["export"][key], bool):

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tinyrobust import attacks, callbacks, data, distill, export, models, multiexit
+from tinyrobust import attacks, callbacks, data, distill, distribute, export, models, multiexit
 from tinyrobust.attacks.base import labels_of, predict
 from tinyrobust.bench import fingerprints
 from tinyrobust.bench import results as results_lib
@@ -208,17 +208,19 @@ def train(config, spec, out, verbose=True):
     dataset_info = data.info(config.dataset)
     recipe = config.train
     keras.utils.set_random_seed(config.seed)
-    model = _build(config, spec, dataset_info, out)
-    exits = len(model.outputs) if spec.exits and not isinstance(model, multiexit.NEOKD) else 0
-    if isinstance(model, (distill.RobustDistiller, multiexit.NEOKD)):  # the loss comes from the method
-        model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate))
-    elif exits:  # a plain multi-exit model: cross-entropy averaged over the exits
-        model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate),
-                      loss=[keras.losses.SparseCategoricalCrossentropy(from_logits=True)] * exits,
-                      loss_weights=[1 / exits] * exits, metrics=[["accuracy"]] * exits)
-    else:
-        model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    strategy = distribute.strategy(recipe.distribute)  # batch_size is the global batch
+    with strategy.scope():
+        model = _build(config, spec, dataset_info, out)
+        exits = len(model.outputs) if spec.exits and not isinstance(model, multiexit.NEOKD) else 0
+        if isinstance(model, (distill.RobustDistiller, multiexit.NEOKD)):  # the loss comes from the method
+            model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate))
+        elif exits:  # a plain multi-exit model: cross-entropy averaged over the exits
+            model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate),
+                          loss=[keras.losses.SparseCategoricalCrossentropy(from_logits=True)] * exits,
+                          loss_weights=[1 / exits] * exits, metrics=[["accuracy"]] * exits)
+        else:
+            model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     train_data = data.load(config.dataset, "train", batch_size=recipe.batch_size, seed=config.seed,
                            limit=recipe.limit, augment=recipe.augment,
@@ -231,9 +233,8 @@ def train(config, spec, out, verbose=True):
     (checkpoints / "settings.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     backup = keras.callbacks.BackupAndRestore(str(checkpoints))
     steps = [backup, callbacks.SeedEachEpoch(config.seed, epoch), callbacks.StopOnNonFiniteLoss()]
-    model.fit(train_data, epochs=recipe.epochs, callbacks=steps, shuffle=False,
-              verbose=1 if verbose and sys.stdout.isatty()
-              else 2 if verbose else 0)
+    distribute.fit(model, train_data, epochs=recipe.epochs, callbacks=steps,
+                   verbose=1 if verbose and sys.stdout.isatty() else 2 if verbose else 0)
     seconds = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.stem + ".partial.keras")

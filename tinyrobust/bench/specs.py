@@ -58,6 +58,9 @@ class TrainSpec(_Spec):
     limit: Optional[int]
     augment: bool
     validation_fraction: float
+    distribute: Optional[str] = None  # "mirrored" | "multi_worker"; batch_size is the global batch
+
+    _omit_when_none = ("distribute",)  # one device: the canonical form (and fingerprint) of before
 
 
 @dataclasses.dataclass(frozen=True)
