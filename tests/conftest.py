@@ -1,8 +1,10 @@
 """Shared test set-up: quiet TensorFlow, deterministic seeds."""
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(__file__))  # test helpers (modes.py) import by name under --import-mode=importlib
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

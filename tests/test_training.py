@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 import tinyrobust as tr
+from modes import MODES, build, targets
+from tinyrobust import callbacks, distill, multiexit
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -123,9 +125,6 @@ def test_backup_and_restore_resumes_with_same_step_count(tmp_path):
     assert len(history.history["loss"]) == 2  # epochs 2 and 3 only: epoch 1 was not redone
 
 
-MODES = ("jr", "pgd", "trades", "fgsm_rs", "kd", "ard", "ard_cached", "rslad", "neokd")
-
-
 @pytest.fixture(scope="module")
 def mirrored_runs():
     """One step of every mode under MirroredStrategy (2 logical CPUs) and on one device (tests/mirrored_check.py)."""
@@ -177,3 +176,95 @@ def test_layer_not_reaching_logits_fails_before_training():
 def test_bad_adversary(kwargs, message):
     with pytest.raises(ValueError, match=message):
         tr.AdversarialTraining(**kwargs)
+
+
+def _dense_data(n=16):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n, 6)).astype("float32"), (np.arange(n) % 3).astype("int32")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_compiles_with_xla(mode):
+    x, y = _dense_data()
+    runs = []
+    for jit_compile in (False, True):
+        trainer, trained = build(mode, jit_compile=jit_compile)
+        logs = trainer.fit(x, targets(mode, trainer, x, y), batch_size=8, epochs=1, verbose=0, shuffle=False).history
+        runs.append((logs, trained.get_weights()))
+    (plain_logs, plain), (xla_logs, xla) = runs
+    assert xla_logs.keys() == plain_logs.keys()
+    assert all(np.isfinite(v[-1]) for v in xla_logs.values())
+    if mode == "trades":  # from the clean input the KL's gradient is round-off, whose sign XLA changes
+        return
+    for key in plain_logs:
+        assert xla_logs[key][-1] == pytest.approx(plain_logs[key][-1], rel=1e-4, abs=1e-6), key
+    for a, b in zip(plain, xla):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sample_weight_reaches_every_term(mode):
+    """Weights 2 on half the batch and 0 on the rest give the step (and the logs) of that half alone."""
+    x, y = _dense_data(16)
+    weighted, weighted_model = build(mode)
+    weights = np.array([2.0] * 8 + [0.0] * 8, "float32")
+    weighted_logs = weighted.fit(x, targets(mode, weighted, x, y), sample_weight=weights, batch_size=16, epochs=1,
+                                 verbose=0, shuffle=False).history
+    half, half_model = build(mode)
+    half_logs = half.fit(x[:8], targets(mode, half, x[:8], y[:8]), batch_size=8, epochs=1, verbose=0,
+                         shuffle=False).history
+    for key in half_logs:
+        if not key.endswith("accuracy"):  # accuracies count every example, as Keras' compiled `metrics` do
+            assert weighted_logs[key][-1] == pytest.approx(half_logs[key][-1], rel=1e-5, abs=1e-6), key
+    for a, b in zip(weighted_model.get_weights(), half_model.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_epsilon_and_jacobian_ramps_drive_every_mode(mode):
+    x, y = _dense_data()
+    trainer, _ = build(mode)
+    ramps = [callbacks.EpsilonScheduler(ramp_epochs=2, start=0.25), callbacks.JacobianWeightScheduler(ramp_epochs=2)]
+    logs = trainer.fit(x, targets(mode, trainer, x, y), batch_size=8, epochs=2, verbose=0, shuffle=False,
+                       callbacks=ramps).history
+    assert logs["epsilon_scale"] == [0.625, 1.0] and logs["jacobian_scale"] == [0.5, 1.0]
+    assert float(trainer.epsilon_scale) == 1.0 and float(trainer.jacobian_scale) == 1.0
+
+
+@pytest.mark.parametrize("trainer", ["robust", "distiller", "neokd"])
+def test_quantization_noise_anneal_drives_every_trainer(trainer):
+    x, y = _data(32)
+    network = tr.models.small_cnn(quantization="stq", width=4)
+    adversary = tr.AdversarialTraining("fgsm_rs", epsilon=0.05)
+    if trainer == "robust":
+        model = tr.RobustModel.wrap(network, adversary=adversary)
+        model.compile(optimizer="adam", loss=LOSS)
+    elif trainer == "distiller":
+        model = distill.RobustDistiller(network, tr.models.small_cnn(width=4), adversary=adversary)
+        model.compile(optimizer="adam")
+    else:
+        model = multiexit.NEOKD(multiexit.attach_exits(network, ["relu_1"]), adversary=adversary)
+        model.compile(optimizer="adam")
+    anneal = callbacks.QuantizationNoiseScheduler(ramp_epochs=2)
+    logs = model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[anneal]).history
+    assert logs["stochasticity"] == [0.5, 0.0]
+
+
+@pytest.mark.parametrize("cls, config, message", [
+    (distill.RobustDistiller, {"name": "distill_ard", "student": {}, "teacher": {}, "method": "ard"},
+     "saved by tinyrobust 0.1.0"),
+    (multiexit.NEOKD, {"name": "neokd", "model": {}, "alpha": 3.0}, "saved by tinyrobust 0.1.0"),
+])
+def test_trainers_saved_before_the_single_engine_fail_naming_the_version(cls, config, message):
+    with pytest.raises(ValueError, match=message):
+        cls.from_config(config)
+
+
+def test_no_private_keras_api_in_the_package():
+    root = os.path.join(os.path.dirname(__file__), os.pardir, "tinyrobust")
+    private = ("keras.src", "._compute_loss", "._loss_tracker", "._compile_metrics", "._compile_loss")
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".py"):
+                text = open(os.path.join(folder, name)).read()
+                assert not [p for p in private if p in text], name

@@ -154,8 +154,8 @@ class Distillation(Objective):
     def accuracy_logs(self, model):
         return ["accuracy"]
 
-    def update_accuracies(self, model, trackers, labels, clean, sample_weight):
-        trackers["accuracy"].update_state(labels, clean, sample_weight=sample_weight)
+    def update_accuracies(self, model, trackers, labels, clean):
+        trackers["accuracy"].update_state(labels, clean)
 
     def losses(self, model, step):
         adv = step.adv if step.adv is not None else step.clean

@@ -368,9 +368,9 @@ class NeoKD(Objective):
     def accuracy_logs(self, model):
         return [f"exit_{k}_accuracy" for k in range(1, len(model.outputs) + 1)]
 
-    def update_accuracies(self, model, trackers, labels, clean, sample_weight):
+    def update_accuracies(self, model, trackers, labels, clean):
         for k, z in enumerate(clean, start=1):
-            trackers[f"exit_{k}_accuracy"].update_state(labels, z, sample_weight=sample_weight)
+            trackers[f"exit_{k}_accuracy"].update_state(labels, z)
 
     def losses(self, model, step):
         keep = orthogonal_classes(len(model.outputs), model.outputs[0].shape[-1], seed=model.random_stream("partition"))

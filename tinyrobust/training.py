@@ -246,8 +246,9 @@ class Objective:
         """Names of the accuracies `update_accuracies` logs."""
         return []
 
-    def update_accuracies(self, model, trackers, labels, clean, sample_weight):
-        """Updates the accuracy trackers from the clean outputs (training and evaluation)."""
+    def update_accuracies(self, model, trackers, labels, clean):
+        """Updates the accuracy trackers from the clean outputs (training and evaluation); like Keras'
+        compiled `metrics`, accuracies count every example whatever its sample weight."""
 
     def test_loss(self, model, x, labels, outputs, sample_weight):
         """The evaluation loss (unscaled batch mean)."""
@@ -503,7 +504,7 @@ class RobustModel(keras.Model):
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        x = ops.convert_to_tensor(x)
+        x, sample_weight = ops.convert_to_tensor(x), _per_example(sample_weight)
         labels, context = self.objective.targets(self, x, y)
         x_adv = self._adversarial_examples(x, labels, context)
         use_clean, use_adv = self.objective.passes(self, x_adv is not None)
@@ -542,24 +543,25 @@ class RobustModel(keras.Model):
                 trackers[f"jacobian/{name}"].update_state(value, sample_weight=batch)
         if step.x_adv is not None:
             adv = step.adv if step.adv is not None else self(step.x_adv, training=False)
-            trackers["adv_accuracy"].update_state(step.labels, _last(adv), sample_weight=step.sample_weight)
+            trackers["adv_accuracy"].update_state(step.labels, _last(adv))
         clean = step.clean
         if clean is None and self.clean_metrics:
             clean = self(step.x, training=False)
         if clean is None:  # no clean outputs: neither the compiled metrics nor the clean accuracies are logged
             accuracies = self.objective.accuracy_logs(self)
             return {name: tracker.result() for name, tracker in trackers.items() if name not in accuracies}
-        self.objective.update_accuracies(self, trackers, step.labels, clean, step.sample_weight)
+        self.objective.update_accuracies(self, trackers, step.labels, clean)
         return self.compute_metrics(step.x, step.labels, clean, sample_weight=step.sample_weight)
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        sample_weight = _per_example(sample_weight)
         labels, _ = self.objective.targets(self, x, y, training=False)
         outputs = self(x, training=False)
         trackers = self._aux.trackers
         loss = self.objective.test_loss(self, x, labels, outputs, sample_weight)
         trackers["loss"].update_state(loss, sample_weight=ops.shape(x)[0])
-        self.objective.update_accuracies(self, trackers, labels, outputs, sample_weight)
+        self.objective.update_accuracies(self, trackers, labels, outputs)
         logs = self.compute_metrics(x, labels, outputs, sample_weight=sample_weight)
         evaluated = {"loss", *self.objective.accuracy_logs(self)}
         return {k: v for k, v in logs.items() if k in evaluated or k not in trackers}
@@ -595,6 +597,13 @@ def _updated(metric):
     if not tf.executing_eagerly():
         return True
     return any(bool(ops.any(ops.not_equal(v, 0))) for v in metric.variables)
+
+
+def _per_example(sample_weight):
+    """One weight per example: Keras repeats `fit(..., sample_weight=w)` for every entry of dict targets."""
+    while isinstance(sample_weight, (dict, list, tuple)):
+        sample_weight = next(iter(sample_weight.values())) if isinstance(sample_weight, dict) else sample_weight[0]
+    return sample_weight
 
 
 def _last(outputs):
