@@ -393,8 +393,13 @@ class RobustModel(keras.Model):
         seeds = {"projection": None if self.jacobian is None else self.jacobian.seed,
                  "attack": None if self.adversary is None else self.adversary.seed,
                  **{name: getattr(self.objective, "seed", None) for name in self.objective.seeds}}
-        self._streams = {name: keras.random.SeedGenerator(seeds[name], name=f"{name}_seed")
-                         for name in self.objective.streams(self)}
+        streams = tuple(self.objective.streams(self))
+        needed = (["projection"] if self.jacobian is not None else []) + (["attack"] if self.adversary else [])
+        missing = [name for name in (*needed, *self.objective.seeds) if name not in streams]
+        if missing:
+            raise ValueError(f"{type(self.objective).__name__}.streams() leaves out the random streams {missing} "
+                             f"this model draws from. Received: streams={streams!r}")
+        self._streams = {name: keras.random.SeedGenerator(seeds[name], name=f"{name}_seed") for name in streams}
         if self.jacobian is not None and self.jacobian.hidden_layers:
             self._check_layers_reach_logits()
 
