@@ -276,3 +276,30 @@ def test_inputs_outside_range_are_rejected(trained):
     model, x, y = trained
     with pytest.raises(ValueError, match="input_range"):
         attacks.FGSM(0.1).run(model, x[:2] * 2 + 1, y[:2])
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_threat_model_start_step_and_projection_stay_inside(norm):
+    """The one start, step and projection that attacks and training adversaries share."""
+    threat = attacks.ThreatModel(norm, 0.3, input_range=(0.0, 1.0))
+    x = np.random.default_rng(0).uniform(size=(16, 5, 5, 1)).astype("float32")
+
+    def in_ball(delta):
+        size = np.abs(delta).reshape(16, -1)
+        size = size.max(axis=1) if norm == "linf" else np.sqrt((size ** 2).sum(axis=1))
+        return bool(np.all(size <= 0.3 + 1e-5))
+
+    def inside(x_adv):
+        return in_ball(x_adv - x) and x_adv.min() >= 0 and x_adv.max() <= 1
+
+    for seed in (np.random.default_rng(1), keras.random.SeedGenerator(1)):
+        start = np.asarray(threat.random_start(x, seed))
+        assert start.dtype == np.float32 and np.any(start != 0) and in_ball(start)
+    far = np.asarray(threat.project(x, np.full_like(x, 5.0)))
+    assert inside(far) and np.any(far != x)
+    stepped = np.asarray(threat.step(x, far, np.ones_like(x), 10.0))
+    assert inside(stepped)
+    trained = tr.AdversarialTraining("pgd", epsilon=0.3, steps=2, norm=norm, input_range=(0.0, 1.0))
+    assert trained.threat.get_config() == threat.get_config()
+    with pytest.raises(ValueError, match="Received: epsilon=-1"):
+        attacks.ThreatModel(norm, -1)

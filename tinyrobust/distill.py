@@ -24,7 +24,7 @@ from keras import ops
 
 from tinyrobust import models
 from tinyrobust.attacks import kernels
-from tinyrobust.training import Objective, RobustModel, Untracked, input_adversary, weighted_mean
+from tinyrobust.training import Objective, RobustModel, Untracked, input_adversary
 from tinyrobust.validation import check_choice, check_number
 
 __all__ = ["METHODS", "Distillation", "RobustDistiller", "distillation_loss", "with_teacher_logits"]
@@ -70,15 +70,15 @@ def distillation_loss(method, y, teacher_logits, student_logits, student_adv_log
         raise ValueError(f"method={method!r} with alpha={alpha} needs the student's clean logits. "
                          "Received: student_logits=None")
     target = student_logits if method == "kd" else student_adv_logits
-    distill = weighted_mean(soft_kl(teacher_logits, target, temperature), sample_weight)
+    distill = kernels.weighted_mean(soft_kl(teacher_logits, target, temperature), sample_weight)
     if method != "rslad":
         distill = distill * temperature ** 2
     if student_logits is None:
         return alpha * distill, distill, None
     if method == "rslad":
-        natural = weighted_mean(soft_kl(teacher_logits, student_logits, temperature), sample_weight)
+        natural = kernels.weighted_mean(soft_kl(teacher_logits, student_logits, temperature), sample_weight)
     else:
-        natural = weighted_mean(kernels.cross_entropy(student_logits, y), sample_weight)
+        natural = kernels.weighted_mean(kernels.cross_entropy(student_logits, y), sample_weight)
     return alpha * distill + (1.0 - alpha) * natural, distill, natural
 
 
@@ -148,8 +148,7 @@ class Distillation(Objective):
         return self._clean_pass(model, adversarial), adversarial
 
     def scalar_logs(self, model):
-        adversarial = model.adversary is not None and model.adversary.epsilon > 0
-        return ["distill", self._natural] if self._clean_pass(model, adversarial) else ["distill"]
+        return ["distill", self._natural] if self._clean_pass(model, model.adversarial) else ["distill"]
 
     def accuracy_logs(self, model):
         return ["accuracy"]
@@ -199,9 +198,7 @@ class RobustDistiller(RobustModel):
     def __init__(self, student, teacher, method="ard", temperature=None, alpha=None, adversary=None, name=None,
                  clean_metrics=False, **kwargs):
         method = check_choice("method", method, METHODS)
-        if method == "kd" and adversary is not None:
-            raise ValueError(f"method='kd' distils on clean inputs only. Received: adversary={adversary!r}")
-        if method != "kd":
+        if method != "kd":  # KD with an adversary is refused by `Distillation.check`
             adversary = input_adversary(adversary)
         for role, model in (("student", student), ("teacher", teacher)):
             if not isinstance(model, keras.Model):

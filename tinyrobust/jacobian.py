@@ -14,6 +14,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from tinyrobust.attacks import kernels
 from tinyrobust.validation import check_number
 
 __all__ = ["frobenius_sq", "jacobian_norms", "JacobianRegularizer"]
@@ -70,10 +71,7 @@ def jacobian_norms(tape, logits, sources, num_projections=1, seed=None, sample_w
                     f"The logits do not depend on a regularised tensor. Received: source={getattr(source, 'name', i)!r}"
                 )
             totals[i] = totals[i] + _per_example_sq_norm(gradient)
-    if sample_weight is None:
-        return [factor * ops.mean(total) for total in totals]
-    weight = ops.reshape(ops.cast(sample_weight, logits.dtype), (-1,))
-    return [factor * ops.sum(total * weight) / ops.cast(batch, logits.dtype) for total in totals]
+    return [factor * kernels.weighted_mean(total, sample_weight) for total in totals]
 
 
 def frobenius_sq(fn, x, num_projections=1, seed=None):

@@ -15,7 +15,7 @@ from keras import ops
 from tinyrobust import models
 from tinyrobust.attacks import kernels
 from tinyrobust.attacks.base import Attack
-from tinyrobust.training import Objective, RobustModel, Untracked, input_adversary, weighted_mean
+from tinyrobust.training import Objective, RobustModel, Untracked, input_adversary
 from tinyrobust.validation import check_choice, check_number
 
 __all__ = ["EarlyExitResult", "MultiExitPGD", "NEOKD", "attach_exits", "early_exit", "exit_accuracies", "exit_macs",
@@ -295,9 +295,9 @@ def neokd_loss(clean_logits, adv_logits, y, keep, alpha=3.0, beta=1.0, exit_weig
             [j for j in (i - 1, i, i + 1) if 0 <= j < exits])
         restricted = clean[i] * ops.maximum(ops.cast(keep[i], clean[i].dtype)[None, :], onehot)
         restricted = restricted / ops.sum(restricted, axis=-1, keepdims=True)
-        ce += weights[i] * weighted_mean(kernels.cross_entropy(adv, y), sample_weight)
-        nkd += weights[i] * weighted_mean(_kl(ensemble, log_q), sample_weight)
-        eokd += weights[i] * weighted_mean(_kl(restricted, log_q), sample_weight)
+        ce += weights[i] * kernels.weighted_mean(kernels.cross_entropy(adv, y), sample_weight)
+        nkd += weights[i] * kernels.weighted_mean(_kl(ensemble, log_q), sample_weight)
+        eokd += weights[i] * kernels.weighted_mean(_kl(restricted, log_q), sample_weight)
     return ce + alpha * nkd + beta * eokd, ce, nkd, eokd
 
 
@@ -353,10 +353,7 @@ class NeoKD(Objective):
 
     def adversarial_examples(self, model, x, labels, context, perturb):
         # Every single-exit attack of the max-average attack starts from the same point.
-        adversary = model.adversary
-        start = (adversary.threat.random_start(x, model.random_stream("attack"),
-                                               epsilon=adversary.epsilon * model.epsilon_scale)
-                 if adversary.random_start else ops.zeros_like(x))
+        start = model.adversary.initial_perturbation(x, model.random_stream("attack"), model.attack_epsilon())
         return multi_exit_attack(model, labels, self.attack, lambda loss_fn: perturb(loss_fn, start=start))
 
     def passes(self, model, adversarial):
@@ -380,7 +377,7 @@ class NeoKD(Objective):
         return [loss], {"ce": ce, "nkd": nkd, "eokd": eokd}
 
     def test_loss(self, model, x, labels, outputs, sample_weight):
-        return weighted_mean(_average_ce(outputs, labels), sample_weight)
+        return kernels.weighted_mean(_average_ce(outputs, labels), sample_weight)
 
     def get_config(self):
         return {"alpha": self.alpha, "beta": self.beta, "exit_weights": self.exit_weights, "attack": self.attack,

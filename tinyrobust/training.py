@@ -22,7 +22,7 @@ from tinyrobust.attacks.threat import ThreatModel
 from tinyrobust.jacobian import INPUT, JacobianRegularizer, jacobian_norms
 from tinyrobust.validation import check_choice, check_number
 
-__all__ = ["AdversarialTraining", "CrossEntropy", "Objective", "RobustModel", "Step", "weighted_mean"]
+__all__ = ["AdversarialTraining", "CrossEntropy", "Objective", "RobustModel", "Step"]
 
 METHODS = ("pgd", "trades", "fgsm_rs")
 
@@ -106,15 +106,17 @@ class AdversarialTraining:
         """
         eps = ops.cast(self.epsilon if epsilon is None else epsilon, x.dtype)
         steps = 1 if self.method == "fgsm_rs" else self.steps
-        if not isinstance(start, str):
-            delta = start
-        elif not self.random_start:
-            delta = ops.zeros_like(x)
-        elif start == "small":
-            delta = 0.001 * keras.random.normal(ops.shape(x), dtype=x.dtype, seed=seed)
-        else:
-            delta = self.threat.random_start(x, seed, epsilon=eps)
+        delta = start if not isinstance(start, str) else self.initial_perturbation(x, seed, eps, start)
         return self.threat.pgd(loss_fn, x, self.step_size_for(eps), steps, start=delta, epsilon=eps)
+
+    def initial_perturbation(self, x, seed, epsilon=None, start="uniform"):
+        """Where the attack starts, as a perturbation of `x`: uniform in the ball ("uniform"), N(0, 0.001^2)
+        ("small", as TRADES and RSLAD start), or zero when `random_start` is False."""
+        if not self.random_start:
+            return ops.zeros_like(x)
+        if start == "small":
+            return 0.001 * keras.random.normal(ops.shape(x), dtype=x.dtype, seed=seed)
+        return self.threat.random_start(x, seed, epsilon=epsilon)
 
     def get_config(self):
         return {"method": self.method, "epsilon": self.epsilon, "steps": self.steps, "step_size": self.step_size,
@@ -160,14 +162,6 @@ class Untracked:
 
     def __init__(self, **items):
         self.__dict__.update(items)
-
-
-def weighted_mean(values, sample_weight=None):
-    """Batch mean of per-example `values`; with weights `sum(w * v) / batch`, as Keras reduces weighted losses."""
-    if sample_weight is None:
-        return ops.mean(values)
-    weight = ops.reshape(ops.cast(sample_weight, values.dtype), (-1,))
-    return ops.sum(values * weight) / ops.cast(ops.shape(values)[0], values.dtype)
 
 
 @dataclasses.dataclass
@@ -252,7 +246,7 @@ class Objective:
 
     def test_loss(self, model, x, labels, outputs, sample_weight):
         """The evaluation loss (unscaled batch mean)."""
-        return weighted_mean(kernels.cross_entropy(outputs, labels), sample_weight)
+        return kernels.weighted_mean(kernels.cross_entropy(outputs, labels), sample_weight)
 
     def get_config(self):
         return {}
@@ -293,7 +287,7 @@ class CrossEntropy(Objective):
 
     def _ce(self, model, x, labels, logits, sample_weight, training):
         if model.loss is None:  # compiled without a loss: sparse cross-entropy on logits
-            return weighted_mean(kernels.cross_entropy(logits, labels), sample_weight)
+            return kernels.weighted_mean(kernels.cross_entropy(logits, labels), sample_weight)
         return _unscaled(model.compute_loss(x=x, y=labels, y_pred=logits, sample_weight=sample_weight,
                                             training=training))
 
@@ -302,7 +296,7 @@ class CrossEntropy(Objective):
         ce = self._ce(model, inputs, step.labels, trained, step.sample_weight, True)
         if step.clean is None or step.adv is None:
             return [ce], {"ce": ce}
-        robust = weighted_mean(kernels.kl_divergence(step.clean, step.adv), step.sample_weight)
+        robust = kernels.weighted_mean(kernels.kl_divergence(step.clean, step.adv), step.sample_weight)
         return [ce, model.adversary.beta * robust], {"ce": ce, "robust_kl": robust}
 
     def test_loss(self, model, x, labels, outputs, sample_weight):
@@ -411,12 +405,13 @@ class RobustModel(keras.Model):
         return self._streams[name]
 
     @property
-    def _projection_seed(self):
-        return self._streams.get("projection")
+    def adversarial(self):
+        """True when the training step crafts adversarial examples (an adversary with a positive epsilon)."""
+        return self.adversary is not None and self.adversary.epsilon > 0
 
-    @property
-    def _attack_seed(self):
-        return self._streams.get("attack")
+    def attack_epsilon(self):
+        """The adversary's radius this epoch: its epsilon times `epsilon_scale`."""
+        return self.adversary.epsilon * self.epsilon_scale
 
     def _make_trackers(self):
         names = ["loss", *self.objective.scalar_logs(self)]
@@ -482,7 +477,7 @@ class RobustModel(keras.Model):
             logits, *hidden = outputs if isinstance(outputs, (list, tuple)) else [outputs]
         names = list(self.jacobian.layers)
         sources = [x if n == INPUT else hidden[self.jacobian.hidden_layers.index(n)] for n in names]
-        norms = jacobian_norms(tape, logits, sources, projections, seed=self._projection_seed,
+        norms = jacobian_norms(tape, logits, sources, projections, seed=self.random_stream("projection"),
                                sample_weight=sample_weight)
         return logits, dict(zip(names, norms))
 
@@ -498,12 +493,12 @@ class RobustModel(keras.Model):
         return self._adversarial_examples(x, labels, context)
 
     def _adversarial_examples(self, x, labels, context):
-        if self.adversary is None or self.adversary.epsilon == 0:
+        if not self.adversarial:
             return None
-        epsilon = self.adversary.epsilon * self.epsilon_scale
+        epsilon, seed = self.attack_epsilon(), self.random_stream("attack")
 
         def perturb(loss_fn, start="uniform"):
-            return self.adversary.perturb(loss_fn, x, self._attack_seed, epsilon=epsilon, start=start)
+            return self.adversary.perturb(loss_fn, x, seed, epsilon=epsilon, start=start)
 
         return self.objective.adversarial_examples(self, x, labels, context, perturb)
 

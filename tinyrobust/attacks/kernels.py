@@ -90,6 +90,14 @@ def ascent_step(x, x_adv, gradient, step_size, eps, norm, input_range):
     return project_into(x, x_adv + step_size * normalized_step(gradient, norm) - x, eps, norm, input_range)
 
 
+def weighted_mean(values, sample_weight=None):
+    """Batch mean of per-example `values`; with weights `sum(w * v) / batch`, as Keras reduces weighted losses."""
+    if sample_weight is None:
+        return ops.mean(values)
+    weight = ops.reshape(ops.cast(sample_weight, values.dtype), (-1,))
+    return ops.sum(values * weight) / ops.cast(ops.shape(values)[0], values.dtype)
+
+
 def cross_entropy(logits, labels):
     """Per-example softmax cross-entropy of logits with integer labels."""
     return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
