@@ -42,7 +42,7 @@ def main(argv=None):
     parser.add_argument("--epsilons", default="0.25,0.5,1,2")
     parser.add_argument("--examples", type=int, default=300)
     parser.add_argument("--pgd-steps", type=int, default=10)
-    parser.add_argument("--cw-steps", type=int, default=20)
+    parser.add_argument("--cw-steps", type=int, default=100)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     epsilons = [float(e) for e in args.epsilons.split(",")]

@@ -303,3 +303,28 @@ def test_threat_model_start_step_and_projection_stay_inside(norm):
     assert trained.threat.get_config() == threat.get_config()
     with pytest.raises(ValueError, match="Received: epsilon=-1"):
         attacks.ThreatModel(norm, -1)
+
+
+@pytest.mark.parametrize("half_width", [1.0, 124.0])
+def test_carlini_wagner_steps_in_input_units(half_width):
+    """C&W's default search is as fine on MFCC-wide inputs (±124) as on [-1, 1].
+
+    A linear two-class model: the smallest L2 perturbation that flips it is
+    |margin| / ||w1 - w0||. With Adam's step set in tanh space, inputs in
+    [-124, 124] got steps of about one unit per coordinate and C&W stayed far
+    from that minimum.
+    """
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=(10, 2)).astype("float32")
+    model = keras.Sequential([keras.Input((10,)), keras.layers.Dense(2, use_bias=False)])
+    model.layers[0].set_weights([weights])
+    x = rng.uniform(-0.2, 0.2, size=(8, 10)).astype("float32")
+    logits = x @ weights
+    y = logits.argmax(axis=1)
+    minimum = np.abs(logits[:, 1] - logits[:, 0]) / np.linalg.norm(weights[:, 1] - weights[:, 0])
+    attack = attacks.CarliniWagnerL2(1.0, steps=100, binary_search_steps=6, initial_const=1.0,
+                                     input_range=(-half_width, half_width))
+    x_adv, _ = attack.minimum_norm(model, x, y)
+    found = np.sqrt(((x_adv - x) ** 2).sum(axis=1))
+    assert np.all((x_adv @ weights).argmax(axis=1) != y)
+    np.testing.assert_array_less(found, 1.05 * minimum)  # the old step: up to 1.48x

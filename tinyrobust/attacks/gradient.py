@@ -304,6 +304,10 @@ class CarliniWagnerL2(MinimumNormAttack):
     Adam, binary-searching `c` per example; the smallest successful
     perturbation is kept. At each eps the result is that perturbation when its
     L2 norm is at most eps, otherwise it is projected onto the eps ball.
+    Adam's step is set in the input's units: whatever `input_range` is (pixels
+    in [0, 1], MFCCs in [-124, 124]), one step moves an input coordinate in the
+    middle of the range by about `learning_rate`, so the same settings search
+    at the same resolution on every input scale.
 
     Args:
         eps: L2 radius or list of radii at which success is reported.
@@ -311,7 +315,9 @@ class CarliniWagnerL2(MinimumNormAttack):
         initial_const: first `c`.
         binary_search_steps: searches over `c`.
         steps: Adam steps per `c`.
-        learning_rate: Adam learning rate.
+        learning_rate: Adam step in input units (the tanh-space step is
+            `2 * learning_rate / (high - low)`; the default 5e-3 is the
+            reference 1e-2 tanh-space step on inputs in [0, 1]).
         targeted: `y` are target labels.
         input_range: valid (low, high) of the inputs.
         seed: unused (deterministic), kept for a uniform interface.
@@ -320,7 +326,7 @@ class CarliniWagnerL2(MinimumNormAttack):
     norms = ("l2",)
 
     def __init__(self, eps=0.5, *, confidence=0.0, initial_const=1e-2, binary_search_steps=5, steps=100,
-                 learning_rate=1e-2, targeted=False, input_range=(0.0, 1.0), seed=0):
+                 learning_rate=5e-3, targeted=False, input_range=(0.0, 1.0), seed=0):
         super().__init__(eps, norm="l2", targeted=targeted, input_range=input_range, seed=seed)
         self.confidence = check_number("confidence", confidence, low=0)
         self.initial_const = check_number("initial_const", initial_const, low=0, low_open=True)
@@ -331,6 +337,8 @@ class CarliniWagnerL2(MinimumNormAttack):
     def _build(self, model):
         fn = logits_function(model)
         low, high = self.input_range
+        # d input / d w = (high - low) / 2 at the middle of the range.
+        step = self.learning_rate * 2.0 / (high - low)
 
         def to_input(w):
             return (tf.tanh(w) + 1.0) / 2.0 * (high - low) + low
@@ -357,7 +365,7 @@ class CarliniWagnerL2(MinimumNormAttack):
                 m = beta1 * m + (1 - beta1) * gradient
                 v = beta2 * v + (1 - beta2) * tf.square(gradient)
                 tf_t = tf.cast(t, tf.float32)
-                w = w - self.learning_rate * (m / (1 - beta1 ** tf_t)) / (tf.sqrt(v / (1 - beta2 ** tf_t)) + 1e-8)
+                w = w - step * (m / (1 - beta1 ** tf_t)) / (tf.sqrt(v / (1 - beta2 ** tf_t)) + 1e-8)
                 succeeded = gap < 0
                 better = tf.logical_and(succeeded, distance < best_norm)
                 best_norm = tf.where(better, distance, best_norm)
