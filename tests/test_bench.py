@@ -89,6 +89,10 @@ attacks = { fgsm = { type = "FGSM" } }
         (BASE + "\n[train]\nlearning_rate = inf\n", "train.learning_rate=inf"),
         (BASE + "\n[train]\naugment = \"yes\"\n", "train.augment='yes'"),
         (BASE + "\n[train]\ndistribute = \"tpu\"\n", "train.distribute='tpu'"),
+        (BASE + "\n[train]\nschedule = \"step\"\n", "train.schedule='step'"),
+        (BASE + "\n[train]\nepochs = 3\nwarmup_epochs = 3\n", "train.warmup_epochs=3"),
+        (BASE + "\n[train]\nepochs = 3\nnoise_anneal_epochs = 4\n", "train.noise_anneal_epochs=4"),
+        (BASE + "\n[train]\njacobian_ramp_epochs = 0.5\n", "train.jacobian_ramp_epochs=0.5"),
         (BASE + "\n[export]\nenabled = \"no\"\n", "export.enabled='no'"),
         (BASE + "\n[export]\ncompress = 1\n", "export.compress=1"),
         (BASE + "\n[export]\ndeployed_queries = 100\ndeployed_attacks = [\"hopskipjump\"]\n", "at least 162 queries"),
@@ -378,6 +382,29 @@ def test_distribute_mirrored_trains_the_same_model_and_records_it(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_the_recipe_schedules_learning_rate_ramps_and_noise_where_the_model_has_them(tmp_path):
+    recipe = ("\n[train]\nepochs = 4\nlimit = 64\nschedule = \"cosine\"\nwarmup_epochs = 1\n"
+              "jacobian_ramp_epochs = 2\nepsilon_ramp_epochs = 2\nnoise_anneal_epochs = 2\n[export]\nenabled = false\n")
+    plain = bench.load(_write(tmp_path, BASE + "\n[train]\nepochs = 4\n"))
+    assert set(plain.train.to_dict()) == {"epochs", "batch_size", "learning_rate", "limit", "augment",
+                                          "validation_fraction"}  # absent: the fingerprints of before
+    robust = BASE.replace('options = { width = 4 }', 'options = { width = 4 }\njacobian = { input = 0.05 }\n'
+                          'adversary = { method = "fgsm_rs", epsilon = 0.05 }')
+    config = bench.load(_write(tmp_path, robust + recipe))
+    model = runner._build(config, config.models[0], tr.data.info("fashion_mnist"), tmp_path)
+    found = {type(c).__name__: c for c in runner._recipe_callbacks(config.train, model)}
+    assert set(found) == {"CosineLearningRate", "JacobianWeightScheduler", "EpsilonScheduler",
+                          "QuantizationNoiseScheduler"}
+    assert found["QuantizationNoiseScheduler"].start_epoch == 2 and found["CosineLearningRate"].warmup_epochs == 1
+    float_model = bench.load(_write(tmp_path, BASE.replace('"stq"', '"float"') + recipe))
+    model = runner._build(float_model, float_model.models[0], tr.data.info("fashion_mnist"), tmp_path)
+    assert [type(c).__name__ for c in runner._recipe_callbacks(float_model.train, model)] == ["CosineLearningRate"]
+    trained, _ = runner.train(config, config.models[0], tmp_path / "run", verbose=False)
+    assert trained.epsilon_scale.numpy() == 1.0 and trained.jacobian_scale.numpy() == 1.0
+    assert float(trained.optimizer.learning_rate.numpy()) == pytest.approx(0.001 * (1 + np.cos(np.pi * 2 / 3)) / 2)
+    assert all(q.stochasticity.numpy() == 0.0 for q in tr.quantizers.stochastic_quantizers(trained))
+
+
 def test_a_second_run_into_a_busy_folder_stops_at_once(tmp_path):
     import subprocess
     import sys
@@ -406,6 +433,11 @@ epochs = 3
 limit = 96
 batch_size = 32
 augment = true
+schedule = "cosine"
+warmup_epochs = 1
+jacobian_ramp_epochs = 2
+epsilon_ramp_epochs = 2
+noise_anneal_epochs = 2
 [export]
 enabled = false
 """

@@ -63,6 +63,19 @@ def test_quantization_noise_fades_to_deterministic():
     np.testing.assert_array_equal(quantizer(kernel, training=True), quantizer(kernel, training=False))
 
 
+def test_cosine_learning_rate_warms_up_then_decays_and_logs_it():
+    model = _model()
+    seen = _Seen(lambda m: m.optimizer.learning_rate)
+    x, y = _data()
+    history = model.fit(x, y, epochs=5, batch_size=16, verbose=0,
+                        callbacks=[callbacks.CosineLearningRate(0.01, epochs=5, warmup_epochs=1), seen])
+    expected = [0.01, 0.01, 0.01 * (1 + np.cos(np.pi / 4)) / 2, 0.005, 0.01 * (1 + np.cos(3 * np.pi / 4)) / 2]
+    assert seen.values == pytest.approx(expected, abs=1e-6)
+    assert history.history["learning_rate"] == pytest.approx(expected, abs=1e-6)
+    constant = callbacks.CosineLearningRate(0.01, epochs=4, warmup_epochs=2, final_fraction=1.0)
+    assert [constant.value(e) for e in range(4)] == pytest.approx([0.005, 0.01, 0.01, 0.01])
+
+
 def test_schedulers_need_a_robust_model_or_stochastic_quantizers():
     plain = tr.models.small_cnn(width=4)
     plain.compile(optimizer="adam", loss=LOSS)
@@ -110,6 +123,9 @@ def test_robust_accuracy_is_at_most_clean_accuracy_on_trained_model():
     [
         (lambda: callbacks.JacobianWeightScheduler(ramp_epochs=-1), "Received: ramp_epochs=-1"),
         (lambda: callbacks.QuantizationNoiseScheduler(2, end=1.5), "Received: end=1.5"),
+        (lambda: callbacks.CosineLearningRate(0.01, epochs=3, warmup_epochs=3), "Received: warmup_epochs=3"),
+        (lambda: callbacks.CosineLearningRate(0.0, epochs=3), "Received: learning_rate=0.0"),
+        (lambda: callbacks.CosineLearningRate(0.01, epochs=3, final_fraction=2), "Received: final_fraction=2"),
         (lambda: callbacks.RobustAccuracy(np.zeros((0, 2)), np.zeros(0)), r"Received: len\(x\)=0"),
         (lambda: callbacks.RobustAccuracy(np.zeros((2, 2)), np.zeros(2), every=0), "Received: every=0"),
     ],

@@ -15,8 +15,8 @@ from keras import ops
 from tinyrobust import attacks, export, quantizers, seeding
 from tinyrobust.validation import check_number
 
-__all__ = ["JacobianWeightScheduler", "EpsilonScheduler", "QuantizationNoiseScheduler", "RobustAccuracy", "TFLiteExport",
-           "StopOnNonFiniteLoss", "SeedEachEpoch"]
+__all__ = ["CosineLearningRate", "JacobianWeightScheduler", "EpsilonScheduler", "QuantizationNoiseScheduler",
+           "RobustAccuracy", "TFLiteExport", "StopOnNonFiniteLoss", "SeedEachEpoch"]
 
 
 def _ramp(epoch, start_epoch, ramp_epochs, start, end):
@@ -105,14 +105,51 @@ class QuantizationNoiseScheduler(_RampScheduler):
         super().__init__(ramp_epochs, start_epoch, start, end)
 
     def _variables(self):
-        found = [
-            layer.stochasticity
-            for layer in self.model._flatten_layers(include_self=False)
-            if isinstance(layer, quantizers.Quantizer) and layer.stochastic and layer.built
-        ]
+        found = [quantizer.stochasticity for quantizer in quantizers.stochastic_quantizers(self.model)]
         if not found:
             raise ValueError(f"The model has no stochastic quantizer to schedule. Received: model={self.model.name!r}")
         return found
+
+
+class CosineLearningRate(keras.callbacks.Callback):
+    """Sets the optimizer's learning rate at the start of every epoch: a linear
+    warm-up, then a cosine decay to `final_fraction * learning_rate` at the
+    end of training.
+
+    Epoch e < `warmup_epochs` trains at `learning_rate * (e + 1) / warmup_epochs`;
+    later epochs follow `final + (1 - final) * (1 + cos(pi * t)) / 2` times
+    `learning_rate`, t = (e - warmup_epochs) / (epochs - warmup_epochs).
+    `final_fraction=1` gives a constant rate after the warm-up. The rate depends
+    only on the epoch number, so a resumed run stays on the schedule.
+
+    Args:
+        learning_rate: peak learning rate.
+        epochs: epochs of the whole run.
+        warmup_epochs: epochs of linear warm-up (0: none).
+        final_fraction: the decay's end, as a fraction of `learning_rate`.
+    """
+
+    def __init__(self, learning_rate, epochs, warmup_epochs=0, final_fraction=0.0):
+        super().__init__()
+        self.learning_rate = check_number("learning_rate", learning_rate, low=0, low_open=True)
+        self.epochs = check_number("epochs", epochs, low=1, integer=True)
+        self.warmup_epochs = check_number("warmup_epochs", warmup_epochs, low=0, high=epochs - 1, integer=True)
+        self.final_fraction = check_number("final_fraction", final_fraction, low=0, high=1)
+
+    def value(self, epoch):
+        """The learning rate of epoch `epoch` (0-based)."""
+        if epoch < self.warmup_epochs:
+            return self.learning_rate * (epoch + 1) / self.warmup_epochs
+        t = (epoch - self.warmup_epochs) / (self.epochs - self.warmup_epochs)
+        cosine = 0.5 * (1.0 + np.cos(np.pi * min(t, 1.0)))
+        return self.learning_rate * (self.final_fraction + (1.0 - self.final_fraction) * cosine)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.optimizer.learning_rate = self.value(epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = self.value(epoch)
 
 
 class RobustAccuracy(keras.callbacks.Callback):

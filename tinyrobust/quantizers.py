@@ -39,6 +39,7 @@ __all__ = [
     "serialize",
     "deserialize",
     "preset",
+    "stochastic_quantizers",
 ]
 
 _EPS = 1e-8
@@ -493,3 +494,16 @@ def preset(name):
             f"Unknown quantization preset. Expected one of {sorted(PRESETS)}. Received: quantization={name!r}"
         )
     return PRESETS[name]
+
+
+def stochastic_quantizers(model):
+    """The built stochastic quantizers (STQ, STB) anywhere inside `model`.
+
+    Args:
+        model: a Keras model or layer.
+
+    Returns:
+        A list of `Quantizer` layers whose `stochastic` is True.
+    """
+    return [layer for layer in model._flatten_layers(include_self=False)
+            if isinstance(layer, Quantizer) and layer.stochastic and layer.built]

@@ -31,7 +31,9 @@ ATTACKS = {
 NORMS = ("linf", "l2")
 _ONLY_NORM = {"CarliniWagnerL2": "l2", "Boundary": "l2"}
 _TOP = {"name", "description", "dataset", "seed", "train", "models", "threat_models", "export", "profiles"}
-_TRAIN = {"epochs", "batch_size", "learning_rate", "limit", "augment", "validation_fraction", "distribute"}
+_TRAIN = {"epochs", "batch_size", "learning_rate", "limit", "augment", "validation_fraction", "distribute",
+          "schedule", "warmup_epochs", "jacobian_ramp_epochs", "epsilon_ramp_epochs", "noise_anneal_epochs"}
+_SCHEDULES = ("constant", "cosine")
 _MODEL = {"name", "architecture", "quantization", "options", "jacobian", "adversary", "distill", "exits", "neokd"}
 _DISTILL = {"teacher", "method", "temperature", "alpha"}
 _EXITS = {"layers", "thresholds"}
@@ -47,7 +49,8 @@ _DEPLOYED_ATTACKS = ("transfer", "square", "hopskipjump")
 _DEFAULTS = {
     "seed": 0,
     "train": {"epochs": 1, "batch_size": 64, "learning_rate": 1e-3, "limit": None, "augment": False,
-              "validation_fraction": 0.1, "distribute": None},
+              "validation_fraction": 0.1, "distribute": None, "schedule": None, "warmup_epochs": None,
+              "jacobian_ramp_epochs": None, "epsilon_ramp_epochs": None, "noise_anneal_epochs": None},
     "export": {"enabled": True, "compress": True, "calibration_size": 500, "parity_examples": 1000, "deployed_examples": None,
                "deployed_attacks": ["transfer", "square"], "deployed_queries": 200},
 }
@@ -97,6 +100,20 @@ def _with_suites_replaced(base, override, profile):
                                       f"{', '.join(base_suite) or 'none'}; give a `type` to define it). "
                                       f"Received: {where}.{name}")
     return override
+
+
+def _check_recipe(train):
+    """The learning-rate schedule and the per-epoch ramps of `[train]` (all optional)."""
+    if train["schedule"] not in (None, *_SCHEDULES):
+        raise ExperimentError(f"Expected `train.schedule` to be one of {', '.join(map(repr, _SCHEDULES))}. "
+                              f"Received: train.schedule={train['schedule']!r}")
+    epochs = train["epochs"]
+    for key in ("warmup_epochs", "jacobian_ramp_epochs", "epsilon_ramp_epochs", "noise_anneal_epochs"):
+        if train[key] is not None:
+            _number(f"train.{key}", train[key], low=0, high=epochs, integer=True)
+    if train["warmup_epochs"] is not None and epochs and train["warmup_epochs"] >= epochs:
+        raise ExperimentError(f"`train.warmup_epochs` must leave at least one epoch after the warm-up "
+                              f"(train.epochs={epochs}). Received: train.warmup_epochs={train['warmup_epochs']}")
 
 
 class _Replace(dict):
@@ -456,6 +473,7 @@ def load(path, profile=None):
     if config["train"]["distribute"] not in (None, *distribute.KINDS):
         raise ExperimentError(f"Expected `train.distribute` to be one of {', '.join(map(repr, distribute.KINDS))} "
                               f"(or absent: one device). Received: train.distribute={config['train']['distribute']!r}")
+    _check_recipe(config["train"])
     _unknown("export.", config["export"], _EXPORT)
     for key in ("enabled", "compress"):
         if not isinstance(config["export"][key], bool):

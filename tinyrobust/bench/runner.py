@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tinyrobust import attacks, callbacks, data, distill, distribute, export, models, multiexit
+from tinyrobust import attacks, callbacks, data, distill, distribute, export, models, multiexit, quantizers
 from tinyrobust.attacks.base import labels_of, predict
 from tinyrobust.bench import fingerprints
 from tinyrobust.bench import results as results_lib
@@ -187,6 +187,34 @@ def _build(config, spec, dataset_info, out):
     return RobustModel.wrap(model, jacobian=jacobian, adversary=adversary, name=spec.name)
 
 
+def _recipe_callbacks(recipe, model):
+    """The schedulers `[train]` asks for, each only where the model has what it schedules.
+
+    Args:
+        recipe: the experiment's `TrainSpec`.
+        model: the model about to be fitted.
+
+    Returns:
+        A list of callbacks (empty for a recipe without schedule or ramps).
+    """
+    found = []
+    if recipe.epochs == 0:
+        return found
+    if recipe.schedule is not None or recipe.warmup_epochs:
+        found.append(callbacks.CosineLearningRate(recipe.learning_rate, recipe.epochs,
+                                                  warmup_epochs=recipe.warmup_epochs or 0,
+                                                  final_fraction=0.0 if recipe.schedule == "cosine" else 1.0))
+    robust = isinstance(model, RobustModel)
+    if recipe.jacobian_ramp_epochs and robust and model.jacobian is not None:
+        found.append(callbacks.JacobianWeightScheduler(recipe.jacobian_ramp_epochs))
+    if recipe.epsilon_ramp_epochs and robust and model.adversary is not None:
+        found.append(callbacks.EpsilonScheduler(recipe.epsilon_ramp_epochs))
+    if recipe.noise_anneal_epochs and quantizers.stochastic_quantizers(model):
+        found.append(callbacks.QuantizationNoiseScheduler(recipe.noise_anneal_epochs,
+                                                          start_epoch=recipe.epochs - recipe.noise_anneal_epochs))
+    return found
+
+
 def train(config, spec, out, verbose=True):
     """Trains one model, or loads it when `out/models/<name>.keras` exists.
 
@@ -232,7 +260,8 @@ def train(config, spec, out, verbose=True):
     checkpoints.mkdir(parents=True, exist_ok=True)
     (checkpoints / "settings.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     backup = keras.callbacks.BackupAndRestore(str(checkpoints))
-    steps = [backup, callbacks.SeedEachEpoch(config.seed, epoch), callbacks.StopOnNonFiniteLoss()]
+    steps = [backup, callbacks.SeedEachEpoch(config.seed, epoch), callbacks.StopOnNonFiniteLoss(),
+             *_recipe_callbacks(recipe, model)]
     distribute.fit(model, train_data, epochs=recipe.epochs, callbacks=steps,
                    verbose=1 if verbose and sys.stdout.isatty() else 2 if verbose else 0)
     seconds = time.perf_counter() - start

@@ -59,8 +59,15 @@ class TrainSpec(_Spec):
     augment: bool
     validation_fraction: float
     distribute: Optional[str] = None  # "mirrored" | "multi_worker"; batch_size is the global batch
+    schedule: Optional[str] = None  # "constant" | "cosine" (per epoch, `callbacks.CosineLearningRate`)
+    warmup_epochs: Optional[int] = None  # linear learning-rate warm-up
+    jacobian_ramp_epochs: Optional[int] = None  # Jacobian weights rise from 0 over these epochs
+    epsilon_ramp_epochs: Optional[int] = None  # adversarial epsilon rises from 0 over these epochs
+    noise_anneal_epochs: Optional[int] = None  # STQ/STB noise fades to deterministic over the last epochs
 
-    _omit_when_none = ("distribute",)  # one device: the canonical form (and fingerprint) of before
+    # Absent keys keep the canonical form (and fingerprint) of runs made before they existed.
+    _omit_when_none = ("distribute", "schedule", "warmup_epochs", "jacobian_ramp_epochs", "epsilon_ramp_epochs",
+                       "noise_anneal_epochs")
 
 
 @dataclasses.dataclass(frozen=True)
