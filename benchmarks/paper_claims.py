@@ -1,0 +1,123 @@
+"""The papers' claims, measured on the committed offline runs: one row per claim, paired by seed.
+
+The claims of the papers this project starts from, on the data available here:
+QKeras/STQ + per-layer JR models beat the MLPerf Tiny int8 baselines under
+white-box attacks and, by a wide margin, under black-box attacks on the
+deployed model, at a fraction of the flash; robust distillation gives a small
+STQ student more robustness than training it alone at the same attack budget;
+and the quality targets the recipes must reach. Each claim is checked with
+`tinyrobust.bench.claims` on `benchmarks/results/<experiment>_<profile>/results`
+(every seed there), and holds only when every seed agrees.
+
+Writes benchmarks/results/paper_claims_<profile>.json and .md. Run:
+
+    .venv/bin/python benchmarks/paper_claims.py --profile full
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+
+from tinyrobust.bench import claims, results
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+Claim = claims.Claim
+
+# "A wide margin": ten points of accuracy; "a fraction of the flash": at most half the int8 file.
+WIDE = 0.10
+FRACTION = 0.5
+CLAIMS = {
+    "fashion_mnist_tiny": [
+        Claim("STQ + JR beats the int8 baseline under white-box attacks (worst case over FGSM, PGD and the "
+              "AutoAttack-style suite)", "stq_jr", "int8", "worst", eps="0.05"),
+        Claim("STQ + JR beats the int8 baseline under white-box attacks", "stq_jr", "int8", "worst", eps="0.1"),
+        Claim("STQ + JR beats the int8 baseline by a wide margin (10 points) on the deployed file (transfer, "
+              "Square, HopSkipJump on TFLite Micro)", "stq_jr", "int8", "deployed_worst", eps="0.1", margin=WIDE),
+        Claim("STQ + JR ships in at most half the int8 baseline's flash", "stq_jr", "int8", "flash_bytes",
+              max_ratio=FRACTION),
+        Claim("STQ stays within 1.5 points of float clean accuracy", "stq", "float", "clean", margin=-0.015),
+    ],
+    "fashion_mnist_ard": [
+        Claim("The ARD STQ student beats the same student adversarially trained alone", "stq_ard", "stq_pgd_at",
+              "worst", eps="0.1"),
+        Claim("The RSLAD STQ student beats the same student adversarially trained alone", "stq_rslad",
+              "stq_pgd_at", "worst", eps="0.1"),
+        Claim("The ARD STQ student beats the int8 baseline under white-box attacks", "stq_ard", "int8", "worst",
+              eps="0.1"),
+    ],
+    "synthetic_kws_dscnn": [
+        Claim("STQ + JR beats the int8 baseline under white-box attacks", "stq_jr", "int8", "worst", eps="0.25"),
+        Claim("STQ + JR beats the int8 baseline under white-box attacks", "stq_jr", "int8", "worst", eps="0.5"),
+        Claim("STQ + JR beats the int8 baseline by a wide margin (10 points) on the deployed file", "stq_jr", "int8",
+              "deployed_worst", eps="0.5", margin=WIDE),
+        Claim("STQ + JR ships in at most half the int8 baseline's flash", "stq_jr", "int8", "flash_bytes",
+              max_ratio=FRACTION),
+        Claim("STQ stays within 2 points of float clean accuracy", "stq", "float", "clean", margin=-0.02),
+    ],
+}
+# Quality targets of the recipes: (experiment, model, least mean clean accuracy).
+TARGETS = [
+    ("fashion_mnist_tiny", "float", 0.91),
+    ("fashion_mnist_tiny", "int8", 0.91),
+    ("synthetic_kws_dscnn", "float", 0.90),
+]
+NOT_TESTED = ("NEO-KD keeps every exit of a multi-exit network robust: not tested offline (`cifar10_neokd` needs "
+              "CIFAR-10 and a GPU).")
+
+
+def _sentence(record, experiment):
+    if record["verdict"] == "not measured":
+        return f"- {record['statement']} ({experiment}): not measured (no paired results)."
+    seeds = len(record["seeds"])
+    if record["metric"] == "flash_bytes":
+        measured = f"{record['mean']:.2f}x the baseline's bytes"
+    else:
+        spread = f" ± {100 * record['std']:.1f}" if seeds > 1 else ""
+        measured = f"{100 * record['mean']:+.1f}{spread} points"
+    where = f" at eps {record['eps']}" if record["eps"] is not None else ""
+    return (f"- {record['statement']}{where} ({experiment}, {record['better']} vs {record['baseline']}): "
+            f"{record['verdict']} here, {measured} over {seeds} seed{'s' * (seeds > 1)} "
+            f"({record['wins']} of {seeds} agree).")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="full", help="results of which profile: <experiment>_<profile>/")
+    parser.add_argument("--results", default=str(RESULTS), help="folder holding the <experiment>_<profile> folders")
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    folder = pathlib.Path(args.results)
+    checked, sentences, targets = {}, [], []
+    for experiment, experiment_claims in CLAIMS.items():
+        path = folder / f"{experiment}_{args.profile}" / "results"
+        rows = results.read_all(path) if path.is_dir() else []
+        checked[experiment] = [claims.check(claim, rows) for claim in experiment_claims]
+        sentences += [_sentence(record, experiment) for record in checked[experiment]]
+        for target_experiment, model, least in TARGETS:
+            if target_experiment == experiment:
+                values = [r["clean_accuracy"] for r in rows if r["model"]["name"] == model]
+                mean = sum(values) / len(values) if values else None
+                targets.append({"experiment": experiment, "model": model, "at_least": least, "mean": mean,
+                                "seeds": len(values), "met": None if mean is None else mean >= least})
+    record = {"command": "benchmarks/paper_claims.py " + " ".join(argv), "profile": args.profile,
+              "claims": checked, "quality_targets": targets, "not_tested": [NOT_TESTED]}
+    out = pathlib.Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"paper_claims_{args.profile}.json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = [f"# The papers' claims on the offline runs (profile `{args.profile}`)", ""]
+    for experiment, records in checked.items():
+        lines += [f"## {experiment}", "", claims.table(records)]
+    lines += ["## In words", "", *sentences, f"- {NOT_TESTED}", "", "## Quality targets (clean accuracy)", "",
+              "| experiment | model | target | measured (mean) | seeds | met |", "| --- | --- | --- | --- | --- | --- |"]
+    for t in targets:
+        measured = "-" if t["mean"] is None else f"{100 * t['mean']:.1f}%"
+        lines.append(f"| {t['experiment']} | {t['model']} | {100 * t['at_least']:.0f}% | {measured} | {t['seeds']} | "
+                     f"{'-' if t['met'] is None else 'yes' if t['met'] else 'no'} |")
+    lines += ["", f"Command: `{record['command']}`"]
+    (out / f"paper_claims_{args.profile}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+import pytest
+
+from tinyrobust.bench import claims
+
+
+def _row(model, seed, clean, worst, deployed_worst=None, model_bytes=None, norm="linf"):
+    deployed = None if model_bytes is None else {"clean_accuracy": clean, "worst_case": {"0.1": deployed_worst},
+                                                 "model_bytes": model_bytes}
+    return {"model": {"name": model}, "seed": seed, "threat_model": {"norm": norm}, "clean_accuracy": clean,
+            "worst_case": {"0.1": worst}, "deployed": deployed}
+
+
+ROWS = [
+    _row("int8", 0, 0.90, 0.10, 0.20, 30000), _row("stq_jr", 0, 0.85, 0.40, 0.60, 10000),
+    _row("int8", 1, 0.91, 0.12, 0.22, 30000), _row("stq_jr", 1, 0.84, 0.30, 0.50, 10000),
+    _row("int8", 2, 0.90, 0.20, 0.25, 30000), _row("stq_jr", 2, 0.86, 0.15, 0.55, 10000),
+    _row("stq_jr", 3, 0.86, 0.99),  # no baseline for this seed: not paired
+]
+
+
+def test_a_claim_pairs_seeds_and_holds_only_when_every_seed_agrees():
+    record = claims.check(claims.Claim("JR beats int8 white-box", "stq_jr", "int8", "worst", eps="0.1"), ROWS)
+    assert record["seeds"] == [0, 1, 2]
+    assert record["differences"] == pytest.approx([0.30, 0.18, -0.05])
+    assert record["mean"] == pytest.approx(0.43 / 3)
+    assert record["std"] == pytest.approx(0.1778576, abs=1e-6)
+    assert record["verdict"] == "mixed" and record["wins"] == 2
+    deployed = claims.check(claims.Claim("wide margin on the device", "stq_jr", "int8", "deployed_worst", eps="0.1",
+                                         margin=0.25), ROWS)
+    assert deployed["verdict"] == "holds" and deployed["differences"] == pytest.approx([0.4, 0.28, 0.3])
+    clean = claims.check(claims.Claim("clean", "stq_jr", "int8", "clean"), ROWS)
+    assert clean["verdict"] == "does not hold"
+    flash = claims.check(claims.Claim("a fraction of the flash", "stq_jr", "int8", "flash_bytes", max_ratio=0.5), ROWS)
+    assert flash["verdict"] == "holds" and flash["mean"] == pytest.approx(1 / 3)
+    missing = claims.check(claims.Claim("no such model", "stq_jr", "float", "clean"), ROWS)
+    assert missing["verdict"] == "not measured" and missing["mean"] is None
+    table = claims.table([record, deployed, flash, missing])
+    assert "| JR beats int8 white-box | stq_jr vs int8 | worst eps 0.1 | 28.3% / 14.0% | +14.3 ± 17.8 points | mixed (2 of 3 seeds) |" in table
+    assert "0.33x ± 0.00" in table and "| not measured |" in table
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(metric="robust"), "Received: metric='robust'"),
+        (dict(metric="worst"), "Received: metric='worst', eps=None"),
+        (dict(metric="clean", eps="0.1"), "Received: metric='clean', eps='0.1'"),
+        (dict(metric="clean", baseline="a"), "Received: better='a', baseline='a'"),
+    ],
+)
+def test_bad_claims_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        claims.Claim(**{"statement": "s", "better": "a", "baseline": "b", **kwargs})
+
+
+def test_the_paper_claims_script_reads_every_seed_of_the_committed_layout(tmp_path):
+    import importlib.util
+    import json
+    import pathlib
+    import shutil
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("paper_claims", root / "benchmarks" / "paper_claims.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    shutil.copytree(root / "benchmarks/results/synthetic_kws_dscnn_quick", tmp_path / "synthetic_kws_dscnn_quick")
+    script.main(["--profile", "quick", "--results", str(tmp_path)])
+    record = json.loads((tmp_path / "paper_claims_quick.json").read_text())
+    rows = {r["model"]["name"]: r for r in (json.loads(p.read_text()) for p in
+                                            (tmp_path / "synthetic_kws_dscnn_quick/results").glob("*.json"))}
+    (flash,) = [c for c in record["claims"]["synthetic_kws_dscnn"] if c["metric"] == "flash_bytes"]
+    ratio = rows["stq_jr"]["deployed"]["model_bytes"] / rows["int8"]["deployed"]["model_bytes"]
+    assert flash["mean"] == pytest.approx(ratio) and flash["verdict"] == ("holds" if ratio < 0.5 else "does not hold")
+    assert all(c["verdict"] == "not measured" for c in record["claims"]["fashion_mnist_ard"])
+    (kws_float,) = [t for t in record["quality_targets"] if t["experiment"] == "synthetic_kws_dscnn"]
+    assert kws_float["mean"] == rows["float"]["clean_accuracy"] and kws_float["seeds"] == 1
+    assert "## In words" in (tmp_path / "paper_claims_quick.md").read_text()
