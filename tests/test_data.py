@@ -170,6 +170,18 @@ def test_synthetic_kws_generates_once_and_checks_its_cache(small_synthetic_kws):
     np.testing.assert_array_equal(x_again, x)
 
 
+def test_synthetic_kws_holds_out_speakers_whose_gender_training_covers():
+    from tinyrobust.data import synthetic_kws
+
+    engines = {"espeak-ng": (synthetic_kws.ESPEAK_VARIANTS, synthetic_kws.TEST_VARIANTS),
+               "flite": (synthetic_kws.FLITE_VOICES, synthetic_kws.TEST_FLITE_VOICES)}
+    for engine, (speakers, held_out) in engines.items():
+        train = [s for s in speakers if s not in held_out]
+        assert set(held_out) <= set(speakers) and train, engine
+        trained_genders = {synthetic_kws.GENDERS[s] for s in train}
+        assert {synthetic_kws.GENDERS[s] for s in held_out} <= trained_genders, engine
+
+
 def test_calibration_set_records_indices_for_audio(small_synthetic_kws):
     x, indices = data.calibration_set("synthetic_kws", size=5, seed=1)
     train, _ = data.load_arrays("synthetic_kws", "train", seed=1)

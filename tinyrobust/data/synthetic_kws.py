@@ -24,15 +24,23 @@ import numpy as np
 
 from tinyrobust.data.audio import CLIP_SAMPLES, LABELS, SAMPLE_RATE
 
-VERSION = 1
+# Version 2: 500 train / 100 test clips per class (was 200 / 50), the Caribbean espeak voice, and flite's
+# held-out voice is `rms` instead of `slt`, the only female flite voice: version 1 held out a gender its
+# engine never spoke in training, and the float DS-CNN got 28.6% on those clips against 90.5% on the
+# unseen espeak variants.
+VERSION = 2
 UNKNOWN_WORDS = ("bed", "bird", "cat", "dog", "eight", "five", "four", "happy", "house", "marvin", "nine", "one",
                  "seven", "sheila", "six", "three", "tree", "two", "wow", "zero")
-ESPEAK_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd")
+ESPEAK_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029")
 ESPEAK_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5", "croak", "klatt", "klatt3")
 FLITE_VOICES = ("kal", "kal16", "awb", "rms", "slt")
-# Speakers are split by voice variant, so that test speakers are unseen in training.
+# Gender of each voice variant and flite voice ("-": neither, e.g. espeak's croak and klatt voices).
+GENDERS = {**{v: v[0].upper() if v[0] in "mf" and v[1:].isdigit() else "-" for v in ESPEAK_VARIANTS},
+           "kal": "M", "kal16": "M", "awb": "M", "rms": "M", "slt": "F"}
+# Speakers are split by voice variant, so that test speakers are unseen in training; each engine's
+# training speakers include every gender of its test speakers.
 TEST_VARIANTS = ("m7", "f5", "klatt3")
-TEST_FLITE_VOICES = ("slt",)
+TEST_FLITE_VOICES = ("rms",)
 SPLITS = ("train", "test")
 
 
@@ -46,8 +54,8 @@ class Config:
         seed: seed of every random choice.
     """
 
-    train_per_class: int = 200
-    test_per_class: int = 50
+    train_per_class: int = 500
+    test_per_class: int = 100
     seed: int = 0
 
     def key(self):
