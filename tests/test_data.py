@@ -155,6 +155,12 @@ def test_synthetic_kws_generates_once_and_checks_its_cache(small_synthetic_kws):
     assert len(manifest["clips"]) == 12 * 6 and manifest["labels"][0] == "down"
     speakers = {c.get("variant", c.get("voice")) for c in manifest["clips"] if c["split"] == "test" and "voice" in c}
     assert speakers <= set(synthetic_kws.TEST_VARIANTS + synthetic_kws.TEST_FLITE_VOICES)
+    # Training utterances are warped, test ones are as the synthesisers speak them.
+    warps = [c.get("warp") for c in manifest["clips"] if c["engine"] != "none"]
+    splits = [c["split"] for c in manifest["clips"] if c["engine"] != "none"]
+    low, high = synthetic_kws.WARP
+    assert all(low <= w <= high for w, s in zip(warps, splits) if s == "train")
+    assert all(w is None for w, s in zip(warps, splits) if s == "test") and len(set(warps)) > 10
     stamp = (small_synthetic_kws / "clips.npz").stat().st_mtime_ns
     train, _ = data.load_arrays("synthetic_kws", "train", validation_fraction=0.0)
     assert len(train) == 48 and (small_synthetic_kws / "clips.npz").stat().st_mtime_ns == stamp
