@@ -72,6 +72,11 @@ attacks = { fgsm = { type = "FGSM" } }
         ("seed = []\n" + BASE, "seed=\\[\\]"),
         ("seed = [1, 1]\n" + BASE, "seed=\\[1, 1\\]"),
         ("seed = [0, -1]\n" + BASE, "seed=-1"),
+        ("seed = [0, 1]\n" + BASE.replace('options = { width = 4 }', 'seeds = [2]'), "models\\[0\\].seeds=\\[2\\]"),
+        (BASE.replace('options = { width = 4 }', 'seeds = 0'), "models\\[0\\].seeds=0"),
+        ("seed = [0, 1]\n" + BASE.replace('options = { width = 4 }', 'seeds = [0]') + '\n[[models]]\nname = "s"\n'
+         'architecture = "small_cnn"\nquantization = "stq"\ndistill = { teacher = "m", method = "kd" }\n',
+         "teacher 'm' must be trained with every seed"),
         # Names become file names; tables must be tables; values must have the right type and be finite.
         (BASE.replace('name = "m"', 'name = "../../evil"'), "models\\[0\\].name='../../evil'"),
         ('name = "../x"\n' + BASE, "name='../x'"),
@@ -356,6 +361,23 @@ def test_several_seeds_run_apart_and_report_mean_and_spread(tmp_path, capsys):
     (tmp_path / "run" / "report.md").unlink()
     assert cli.main(["report", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "report.md").read_text() == report
+
+
+def test_a_model_can_run_with_only_some_of_the_seeds(tmp_path):
+    extra = ('\n[[models]]\nname = "once"\narchitecture = "small_cnn"\nquantization = "float"\n'
+             'options = { width = 4 }\nseeds = [1]\n')
+    text = "seed = [0, 1]\n" + BASE.replace("[threat_models.linf]", extra + "[threat_models.linf]")
+    text += "\n[train]\nlimit = 64\n[export]\nenabled = false\n"
+    config = bench.load(_write(tmp_path, text))
+    assert config.model("once").seeds == (1,) and [m.name for m in config.with_seed(0).models] == ["m"]
+    results = bench.run(config, tmp_path / "run", verbose=False)
+    assert sorted((r["model"]["name"], r["seed"]) for r in results) == [("m", 0), ("m", 1), ("once", 1)]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| once (seed 1) | float |" in report and "| m | stq |" in report
+    # Which seeds run a model is not a setting of the model: its fingerprint is that of the model without the key.
+    alone = bench.load(_write(tmp_path, text.replace("seeds = [1]\n", "")))
+    assert (runner._model_settings(config.with_seed(1), config.model("once"), tmp_path)
+            == runner._model_settings(alone.with_seed(1), alone.model("once"), tmp_path))
 
 
 def test_plain_multi_exit_model_trains_on_the_mean_exit_cross_entropy(tmp_path):

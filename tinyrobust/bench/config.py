@@ -34,7 +34,8 @@ _TOP = {"name", "description", "dataset", "seed", "train", "models", "threat_mod
 _TRAIN = {"epochs", "batch_size", "learning_rate", "limit", "augment", "validation_fraction", "distribute",
           "schedule", "warmup_epochs", "jacobian_ramp_epochs", "epsilon_ramp_epochs", "noise_anneal_epochs"}
 _SCHEDULES = ("constant", "cosine")
-_MODEL = {"name", "architecture", "quantization", "options", "jacobian", "adversary", "distill", "exits", "neokd"}
+_MODEL = {"name", "architecture", "quantization", "options", "jacobian", "adversary", "distill", "exits", "neokd",
+          "seeds"}
 _DISTILL = {"teacher", "method", "temperature", "alpha"}
 _EXITS = {"layers", "thresholds"}
 _NEOKD = {"alpha", "beta", "attack", "exit_weights"}
@@ -163,6 +164,14 @@ def _check_builds(where, model, dataset_info):
     return built
 
 
+def _check_model_seeds(where, seeds, experiment_seeds):
+    """A model's `seeds`: a non-empty list of distinct seeds of the experiment."""
+    if (not isinstance(seeds, list) or not seeds or len(set(map(str, seeds))) != len(seeds)
+            or any(seed not in experiment_seeds for seed in seeds)):
+        raise ExperimentError(f"Expected `{where}seeds` to be a non-empty list of distinct seeds of the experiment "
+                              f"(seed = {list(experiment_seeds)}). Received: {where}seeds={seeds!r}")
+
+
 def _check_models(config):
     if not isinstance(config.get("models"), list) or not config["models"]:
         raise ExperimentError("Expected `models` to be a non-empty array of tables ([[models]]). "
@@ -200,8 +209,16 @@ def _check_models(config):
                                       f"Received: {where}adversary.method={adversary.get('method')!r}")
             low, high = data.info(config["dataset"]).input_range
             _number(f"{where}adversary.epsilon", adversary.get("epsilon"), low=0, low_open=True, high=high - low)
+        if model.get("seeds") is not None:
+            _check_model_seeds(where, model["seeds"], config["seeds"])
         if model.get("distill") is not None:
             _check_distill(where, model, names - {model["name"]})
+            teacher = next((m for m in config["models"] if m["name"] == model["distill"]["teacher"]), None)
+            runs = model.get("seeds") or config["seeds"]
+            if teacher is not None and not set(runs) <= set(teacher.get("seeds") or config["seeds"]):
+                raise ExperimentError(f"The teacher {teacher['name']!r} must be trained with every seed of its "
+                                      f"student (teacher seeds: {teacher.get('seeds') or config['seeds']}). "
+                                      f"Received: {where}seeds={runs!r}")
         if model.get("exits") is not None or model.get("neokd") is not None:
             _check_exits(where, model, built)
 

@@ -71,7 +71,8 @@ def model_settings(config, spec, versions, teacher=None):
     Returns:
         A JSON-serialisable dict.
     """
-    return {"dataset": config.dataset, "seed": config.seed, "train": config.train.to_dict(), "model": spec.to_dict(),
+    model = {k: v for k, v in spec.to_dict().items() if k != "seeds"}  # which seeds run it changes no model
+    return {"dataset": config.dataset, "seed": config.seed, "train": config.train.to_dict(), "model": model,
             "teacher": teacher, "versions": _versions(versions)}
 
 

@@ -161,7 +161,10 @@ def table(results):
         for group in groups:
             first = group[0]
             d = _deployed(first)
-            cells = [first["model"]["name"], first["model"]["quantization"], _stat(group, lambda r: r["clean_accuracy"])]
+            name = first["model"]["name"]
+            if len(seeds) > 1 and len(group) < len(seeds):  # a model run with only some of the seeds
+                name += f" (seed{'s' * (len(group) > 1)} {', '.join(str(r['seed']) for r in group)})"
+            cells = [name, first["model"]["quantization"], _stat(group, lambda r: r["clean_accuracy"])]
             cells += [_stat(group, lambda r, a=a, e=e: r["robust_accuracy"].get(a, {}).get(e))
                       for a in attacks for e in epsilons]
             cells += [_stat(group, lambda r, e=e: r["worst_case"].get(e)) for e in epsilons]

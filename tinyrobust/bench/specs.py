@@ -83,9 +83,10 @@ class ModelSpec(_Spec):
     distill: Optional[Mapping[str, Any]] = None
     exits: Optional[Mapping[str, Any]] = None
     neokd: Optional[Mapping[str, Any]] = None
+    seeds: Optional[tuple] = None  # the experiment's seeds this model runs with (None: all)
 
     # Keys the experiment file left out stay out of the canonical form (and of the fingerprint).
-    _omit_when_none = ("jacobian", "adversary", "distill", "exits", "neokd")
+    _omit_when_none = ("jacobian", "adversary", "distill", "exits", "neokd", "seeds")
 
     @property
     def file_name(self):
@@ -159,8 +160,13 @@ class Experiment(_Spec):
             defined_models=config.get("defined_models"))
 
     def with_seed(self, seed):
-        """The same experiment run with one seed."""
-        return dataclasses.replace(self, seed=seed, seeds=(seed,))
+        """The same experiment run with one seed, and only the models that run with it (a model's `seeds`)."""
+        seeded = dataclasses.replace(self, seed=seed, seeds=(seed,))
+        kept = tuple(m for m in self.models if m.seeds is None or seed in m.seeds)
+        if len(kept) == len(self.models):
+            return seeded
+        return dataclasses.replace(seeded, models=kept,
+                                   defined_models=self.defined_models or tuple(m.name for m in self.models))
 
     def with_models(self, names):
         """The experiment restricted to the named models; `defined_models` keeps every name in file order."""
