@@ -70,14 +70,10 @@ def _sentence(record, experiment):
     if record["verdict"] == "not measured":
         return f"- {record['statement']} ({experiment}): not measured (no paired results)."
     seeds = len(record["seeds"])
-    if record["metric"] == "flash_bytes":
-        measured = f"{record['mean']:.2f}x the baseline's bytes"
-    else:
-        spread = f" ± {100 * record['std']:.1f}" if seeds > 1 else ""
-        measured = f"{100 * record['mean']:+.1f}{spread} points"
+    what = claims.measured(record) + (" the baseline's bytes" if record["metric"] == "flash_bytes" else "")
     where = f" at eps {record['eps']}" if record["eps"] is not None else ""
     return (f"- {record['statement']}{where} ({experiment}, {record['better']} vs {record['baseline']}): "
-            f"{record['verdict']} here, {measured} over {seeds} seed{'s' * (seeds > 1)} "
+            f"{record['verdict']} here, {what} over {seeds} seed{'s' * (seeds > 1)} "
             f"({record['wins']} of {seeds} agree).")
 
 

@@ -12,7 +12,7 @@ the right way is reported as such.
 import dataclasses
 import math
 
-__all__ = ["METRICS", "Claim", "check", "table"]
+__all__ = ["METRICS", "Claim", "check", "measured", "table"]
 
 METRICS = ("clean", "worst", "deployed_clean", "deployed_worst", "flash_bytes")
 _NEEDS_EPS = ("worst", "deployed_worst")
@@ -107,7 +107,9 @@ def check(claim, results):
             "differences": differences, "mean": mean, "std": std, "wins": sum(wins), "verdict": verdict}
 
 
-def _measured(record):
+def measured(record):
+    """The measured difference of a checked claim in words: "+4.2 ± 1.1 points", or "0.47x" for flash bytes;
+    "-" when not measured."""
     if record["mean"] is None:
         return "-"
     if record["metric"] == "flash_bytes":
@@ -133,5 +135,5 @@ def table(records):
         verdict = r["verdict"] if r["verdict"] == "not measured" else f"{r['verdict']} ({r['wins']} of {len(r['seeds'])} seeds)"
         lines.append(f"| {r['statement']} | {r['better']} vs {r['baseline']} | {metric} | "
                      f"{_side(r['better_values'], r['metric'])} / {_side(r['baseline_values'], r['metric'])} | "
-                     f"{_measured(r)} | {verdict} |")
+                     f"{measured(r)} | {verdict} |")
     return "\n".join(lines) + "\n"
