@@ -164,10 +164,14 @@ def _check_builds(where, model, dataset_info):
     return built
 
 
+def _distinct_seeds(seeds):
+    """True for a non-empty list of distinct values (the experiment's `seed` list and a model's `seeds`)."""
+    return isinstance(seeds, list) and bool(seeds) and len(set(map(str, seeds))) == len(seeds)
+
+
 def _check_model_seeds(where, seeds, experiment_seeds):
     """A model's `seeds`: a non-empty list of distinct seeds of the experiment."""
-    if (not isinstance(seeds, list) or not seeds or len(set(map(str, seeds))) != len(seeds)
-            or any(seed not in experiment_seeds for seed in seeds)):
+    if not _distinct_seeds(seeds) or any(seed not in experiment_seeds for seed in seeds):
         raise ExperimentError(f"Expected `{where}seeds` to be a non-empty list of distinct seeds of the experiment "
                               f"(seed = {list(experiment_seeds)}). Received: {where}seeds={seeds!r}")
 
@@ -215,10 +219,10 @@ def _check_models(config):
             _check_distill(where, model, names - {model["name"]})
             teacher = next((m for m in config["models"] if m["name"] == model["distill"]["teacher"]), None)
             runs = model.get("seeds") or config["seeds"]
-            if teacher is not None and not set(runs) <= set(teacher.get("seeds") or config["seeds"]):
+            taught = None if teacher is None else teacher.get("seeds") or config["seeds"]
+            if taught is not None and not set(runs) <= set(taught):
                 raise ExperimentError(f"The teacher {teacher['name']!r} must be trained with every seed of its "
-                                      f"student (teacher seeds: {teacher.get('seeds') or config['seeds']}). "
-                                      f"Received: {where}seeds={runs!r}")
+                                      f"student (teacher seeds: {taught}). Received: {where}seeds={runs!r}")
         if model.get("exits") is not None or model.get("neokd") is not None:
             _check_exits(where, model, built)
 
@@ -472,7 +476,7 @@ def load(path, profile=None):
         raise ExperimentError(f"Unknown dataset (allowed: {', '.join(data.NAMES)}). "
                               f"Received: dataset={config.get('dataset')!r}")
     seeds = config["seed"] if isinstance(config["seed"], list) else [config["seed"]]
-    if not seeds or len(set(map(str, seeds))) != len(seeds):
+    if not _distinct_seeds(seeds):
         raise ExperimentError(f"Expected `seed` to be an integer or a non-empty list of distinct integers. "
                               f"Received: seed={config['seed']!r}")
     for seed in seeds:
