@@ -490,9 +490,14 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path, monkeypatch, stop_at):
     with pytest.raises(Killed):
         runner.train(config, spec, tmp_path / "resumed", verbose=False)
     assert not (tmp_path / "resumed" / "models" / "m.keras").exists()
+    clock = json.loads((tmp_path / "resumed" / "checkpoints" / "m" / "clock.json").read_text())
+    assert clock["epoch"] == stop_at[0] - 1 and clock["seconds"] > 0  # the finished epochs' time
     monkeypatch.setattr(tr.callbacks.StopOnNonFiniteLoss, "on_train_batch_begin", original)
     keras.utils.set_random_seed(123)  # a new process: other global random state
-    resumed, _ = runner.train(config, spec, tmp_path / "resumed", verbose=False)
+    resumed, seconds = runner.train(config, spec, tmp_path / "resumed", verbose=False)
+    record = json.loads((tmp_path / "resumed" / "models" / "m.train.json").read_text())
+    assert record["resumed"] and record["seconds"] == seconds > clock["seconds"]  # earlier epochs counted
+    assert not (tmp_path / "resumed" / "checkpoints" / "m").exists()
     assert len(resumed.weights) == len(reference.weights)
     for a, b in zip(reference.weights, resumed.weights):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)

@@ -215,6 +215,39 @@ def _recipe_callbacks(recipe, model):
     return found
 
 
+class _TrainingClock(keras.callbacks.Callback):
+    """Adds up the seconds of finished epochs across interrupted and resumed runs.
+
+    After every epoch the running total goes to `path` (beside the
+    `BackupAndRestore` checkpoint), and a resumed run starts from it; an epoch
+    cut short by an interruption is not counted (it is trained again).
+
+    Args:
+        path: the JSON file that holds the total.
+    """
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = pathlib.Path(path)
+        self.earlier = 0.0
+        self.resumed = False
+        self.start = None
+
+    def on_train_begin(self, logs=None):
+        record = _reusable(self.path)
+        self.earlier = float(record["seconds"]) if record else 0.0
+        self.resumed = record is not None
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.path.write_text(json.dumps({"seconds": self.seconds, "epoch": epoch}) + "\n")
+
+    @property
+    def seconds(self):
+        """Training seconds so far, earlier runs included."""
+        return self.earlier + (time.perf_counter() - self.start if self.start is not None else 0.0)
+
+
 def train(config, spec, out, verbose=True):
     """Trains one model, or loads it when `out/models/<name>.keras` exists.
 
@@ -225,7 +258,8 @@ def train(config, spec, out, verbose=True):
     uninterrupted one.
 
     Returns:
-        (model, seconds spent training in this call).
+        (model, seconds spent training it, earlier interrupted runs included;
+        0.0 when it was loaded).
     """
     path = out / "models" / f"{spec.name}.keras"
     settings = _model_settings(config, spec, out)
@@ -255,16 +289,16 @@ def train(config, spec, out, verbose=True):
                            validation_fraction=recipe.validation_fraction, epoch=epoch)
     if exits:  # one copy of the labels per exit
         train_data = train_data.map(lambda x, y: (x, (y,) * exits))
-    start = time.perf_counter()
     checkpoints = out / "checkpoints" / spec.name
     checkpoints.mkdir(parents=True, exist_ok=True)
     (checkpoints / "settings.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     backup = keras.callbacks.BackupAndRestore(str(checkpoints))
-    steps = [backup, callbacks.SeedEachEpoch(config.seed, epoch), callbacks.StopOnNonFiniteLoss(),
+    clock = _TrainingClock(checkpoints / "clock.json")
+    steps = [backup, clock, callbacks.SeedEachEpoch(config.seed, epoch), callbacks.StopOnNonFiniteLoss(),
              *_recipe_callbacks(recipe, model)]
     distribute.fit(model, train_data, epochs=recipe.epochs, callbacks=steps,
                    verbose=1 if verbose and sys.stdout.isatty() else 2 if verbose else 0)
-    seconds = time.perf_counter() - start
+    seconds = clock.seconds
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.stem + ".partial.keras")
     if isinstance(model, distill.RobustDistiller):  # what is evaluated and deployed is the student
@@ -274,7 +308,7 @@ def train(config, spec, out, verbose=True):
     model.save(partial)
     # The record first: a model file is never without the settings that made it.
     (out / "models" / f"{spec.name}.train.json").write_text(
-        json.dumps({"seconds": seconds, **record}, indent=2, default=str) + "\n")
+        json.dumps({"seconds": seconds, "resumed": clock.resumed, **record}, indent=2, default=str) + "\n")
     partial.replace(path)
     return model, seconds
 
