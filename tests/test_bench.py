@@ -77,6 +77,9 @@ attacks = { fgsm = { type = "FGSM" } }
         ("seed = [0, 1]\n" + BASE.replace('options = { width = 4 }', 'seeds = [0]') + '\n[[models]]\nname = "s"\n'
          'architecture = "small_cnn"\nquantization = "stq"\ndistill = { teacher = "m", method = "kd" }\n',
          "teacher 'm' must be trained with every seed"),
+        ("seed = [0, 1]\n" + BASE.replace('options = { width = 4 }', 'seeds = [0]') + '\n[[models]]\nname = "s"\n'
+         'architecture = "small_cnn"\nquantization = "stq"\ndistill = { teacher = "m", method = "kd", '
+         'teacher_seed = 1 }\n', "teacher_seed=1"),
         # Names become file names; tables must be tables; values must have the right type and be finite.
         (BASE.replace('name = "m"', 'name = "../../evil"'), "models\\[0\\].name='../../evil'"),
         ('name = "../x"\n' + BASE, "name='../x'"),
@@ -378,6 +381,24 @@ def test_a_model_can_run_with_only_some_of_the_seeds(tmp_path):
     alone = bench.load(_write(tmp_path, text.replace("seeds = [1]\n", "")))
     assert (runner._model_settings(config.with_seed(1), config.model("once"), tmp_path)
             == runner._model_settings(alone.with_seed(1), alone.model("once"), tmp_path))
+
+
+def test_one_teacher_can_teach_the_students_of_every_seed(tmp_path):
+    student = ('\n[[models]]\nname = "s"\narchitecture = "small_cnn"\nquantization = "stq"\n'
+               'options = { width = 4 }\ndistill = { teacher = "m", method = "kd", teacher_seed = 0 }\n')
+    text = "seed = [0, 1]\n" + BASE.replace('options = { width = 4 }', 'options = { width = 4 }\nseeds = [0]')
+    text = text.replace("[threat_models.linf]", student + "[threat_models.linf]")
+    text += "\n[train]\nlimit = 64\n[export]\nenabled = false\n"
+    results = bench.run(bench.load(_write(tmp_path, text)), tmp_path / "run", verbose=False)
+    assert sorted((r["model"]["name"], r["seed"]) for r in results) == [("m", 0), ("s", 0), ("s", 1)]
+    assert not (tmp_path / "run" / "seed_1" / "models" / "m.keras").exists()  # the teacher was trained once
+    teacher = json.loads((tmp_path / "run" / "seed_0" / "models" / "m.train.json").read_text())["fingerprint"]
+    for seed in (0, 1):  # both students name that teacher in their settings
+        record = json.loads((tmp_path / "run" / f"seed_{seed}" / "models" / "s.train.json").read_text())
+        assert record["settings"]["teacher"] == teacher
+    # Without `teacher_seed`, each seed's student needs its own teacher.
+    with pytest.raises(bench.ExperimentError, match="must be trained with every seed"):
+        bench.load(_write(tmp_path, text.replace(", teacher_seed = 0", "")))
 
 
 def test_plain_multi_exit_model_trains_on_the_mean_exit_cross_entropy(tmp_path):

@@ -36,7 +36,7 @@ _TRAIN = {"epochs", "batch_size", "learning_rate", "limit", "augment", "validati
 _SCHEDULES = ("constant", "cosine")
 _MODEL = {"name", "architecture", "quantization", "options", "jacobian", "adversary", "distill", "exits", "neokd",
           "seeds"}
-_DISTILL = {"teacher", "method", "temperature", "alpha"}
+_DISTILL = {"teacher", "method", "temperature", "alpha", "teacher_seed"}
 _EXITS = {"layers", "thresholds"}
 _NEOKD = {"alpha", "beta", "attack", "exit_weights"}
 _MULTI_EXIT = {"steps", "targets"}
@@ -220,11 +220,25 @@ def _check_models(config):
             teacher = next((m for m in config["models"] if m["name"] == model["distill"]["teacher"]), None)
             runs = model.get("seeds") or config["seeds"]
             taught = None if teacher is None else teacher.get("seeds") or config["seeds"]
-            if taught is not None and not set(runs) <= set(taught):
+            if "teacher_seed" in model["distill"]:
+                _check_teacher_seed(where, model["distill"]["teacher_seed"], teacher, taught, config["seeds"])
+            elif taught is not None and not set(runs) <= set(taught):
                 raise ExperimentError(f"The teacher {teacher['name']!r} must be trained with every seed of its "
                                       f"student (teacher seeds: {taught}). Received: {where}seeds={runs!r}")
         if model.get("exits") is not None or model.get("neokd") is not None:
             _check_exits(where, model, built)
+
+
+def _check_teacher_seed(where, seed, teacher, taught, experiment_seeds):
+    """`distill.teacher_seed`: the students of every seed learn from the teacher trained with this seed, which
+    must be the experiment's first (seeds run in order, so that teacher exists when the others need it)."""
+    if teacher is None:
+        raise ExperimentError(f"`{where}distill.teacher_seed` needs a teacher trained in this experiment, not a "
+                              f".keras file. Received: {where}distill.teacher_seed={seed!r}")
+    if seed != experiment_seeds[0] or seed not in taught:
+        raise ExperimentError(f"Expected `{where}distill.teacher_seed` to be the experiment's first seed "
+                              f"({experiment_seeds[0]}), one the teacher {teacher['name']!r} is trained with "
+                              f"(teacher seeds: {list(taught)}). Received: {where}distill.teacher_seed={seed!r}")
 
 
 def _check_exits(where, model, backbone):

@@ -56,6 +56,13 @@ def _reusable(path, read=None):
         return None
 
 
+def _teacher_folder(config, spec, out):
+    """The run folder whose `models/` holds the teacher of the student `spec`: the seed's own folder `out`, or
+    with `distill.teacher_seed` (one teacher for the students of every seed) that seed's sibling folder."""
+    seed = spec.distill.get("teacher_seed")
+    return out if seed is None or seed == config.seed else out.parent / f"seed_{seed}"
+
+
 def _model_settings(config, spec, out):
     """The settings that decide the trained model `spec` (its teacher's fingerprint included)."""
     teacher = None
@@ -64,9 +71,12 @@ def _model_settings(config, spec, out):
         if name.endswith(".keras"):
             teacher = "sha256:" + fingerprints.file_digest(pathlib.Path(name))
         else:
-            record = _reusable(out / "models" / f"{name}.train.json")
+            folder = _teacher_folder(config, spec, out)
+            record = _reusable(folder / "models" / f"{name}.train.json")
             if record is not None and "fingerprint" in record:
                 teacher = record["fingerprint"]
+            elif folder != out:  # another seed's teacher, trained later in this run
+                teacher = f"{name} of seed {spec.distill['teacher_seed']}, not trained yet"
             else:
                 teacher_spec = config.model(name)
                 if teacher_spec is not None:
@@ -169,7 +179,8 @@ def _build(config, spec, dataset_info, out):
     if teaching is not None:
         student = model if jacobian is None else RobustModel.wrap(model, jacobian=jacobian, name=spec.name)
         teacher = teaching["teacher"]
-        path = pathlib.Path(teacher) if teacher.endswith(".keras") else out / "models" / f"{teacher}.keras"
+        path = (pathlib.Path(teacher) if teacher.endswith(".keras")
+                else _teacher_folder(config, spec, out) / "models" / f"{teacher}.keras")
         if not path.is_file():
             raise FileNotFoundError(f"The teacher of {spec.name!r} is not trained: no {path}. Run its stage first "
                                     f"(`--models {teacher}`) or copy its .keras file there. Received: "
