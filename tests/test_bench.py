@@ -85,6 +85,8 @@ attacks = { fgsm = { type = "FGSM" } }
         ('name = "../x"\n' + BASE, "name='../x'"),
         (BASE.replace('name = "m"', 'name = 5'), "name=5"),
         (BASE.replace("[0.05]", "[0.05, 0.05]"), "distinct. Received: epsilons=\\[0.05, 0.05\\]"),
+        (BASE + "\ndeployed_epsilons = [0.1]\n", "deployed_epsilons=\\[0.1\\]"),
+        (BASE + "\ndeployed_epsilons = []\n", "deployed_epsilons=\\[\\]"),
         (BASE.replace('options = { width = 4 }', 'options = { widthx = 8 }'), "options=\\{'widthx': 8\\}"),
         (BASE.replace('options = { width = 4 }', 'options = 8'), "options=8"),
         (BASE.replace('options = { width = 4 }', 'jacobian = 0.05'), "jacobian=0.05"),
@@ -381,6 +383,20 @@ def test_a_model_can_run_with_only_some_of_the_seeds(tmp_path):
     alone = bench.load(_write(tmp_path, text.replace("seeds = [1]\n", "")))
     assert (runner._model_settings(config.with_seed(1), config.model("once"), tmp_path)
             == runner._model_settings(alone.with_seed(1), alone.model("once"), tmp_path))
+
+
+def test_deployed_attacks_can_run_at_some_of_the_radii(tmp_path):
+    text = BASE.replace("[0.05]", "[0.05, 0.1]") + "\ndeployed_epsilons = [0.1]\n[train]\nlimit = 64\n[export]\n"
+    text += 'calibration_size = 16\nparity_examples = 16\ndeployed_examples = 8\ndeployed_attacks = ["transfer"]\n'
+    config = bench.load(_write(tmp_path, text))
+    assert config.threat_models["linf"].deployed_epsilons == (0.1,)
+    (result,) = bench.run(config, tmp_path / "run", verbose=False)
+    assert set(result["robust_accuracy"]["fgsm"]) == {"0.05", "0.1"}  # the Keras model: every radius
+    assert set(result["deployed"]["worst_case"]) == set(result["deployed"]["robust_accuracy"]["transfer"]) == {"0.1"}
+    header = next(line for line in (tmp_path / "run" / "report.md").read_text().splitlines() if "TFLM clean" in line)
+    assert "TFLM worst 0.1" in header and "TFLM worst 0.05" not in header and "worst 0.05" in header
+    # Absent, the key leaves the settings (and fingerprints) of earlier results as they were.
+    assert "deployed_epsilons" not in bench.load(_write(tmp_path, BASE)).threat_models["linf"].to_dict()
 
 
 def test_one_teacher_can_teach_the_students_of_every_seed(tmp_path):

@@ -42,7 +42,7 @@ _NEOKD = {"alpha", "beta", "attack", "exit_weights"}
 _MULTI_EXIT = {"steps", "targets"}
 _MULTI_EXIT_TARGETS = ("average", "max_average")
 _ADVERSARY = {"method", "epsilon", "steps", "step_size", "beta"}
-_THREAT = {"epsilons", "examples", "attacks", "suite", "multi_exit"}
+_THREAT = {"epsilons", "examples", "attacks", "suite", "multi_exit", "deployed_epsilons"}
 _SUITE = {"name", "steps", "target_classes", "queries"}
 _EXPORT = {"enabled", "compress", "calibration_size", "parity_examples", "deployed_examples", "deployed_attacks",
            "deployed_queries"}
@@ -350,6 +350,14 @@ def _check_threat_models(config, input_range):
         if len(set(epsilons)) != len(epsilons):
             raise ExperimentError(f"Expected `{where}epsilons` to be distinct. Received: epsilons={epsilons!r}")
         threat["epsilons"] = [float(eps) for eps in epsilons]
+        deployed = threat.get("deployed_epsilons")
+        if deployed is not None:
+            if (not isinstance(deployed, list) or not deployed or len(set(deployed)) != len(deployed)
+                    or any(isinstance(e, bool) or e not in threat["epsilons"] for e in deployed)):
+                raise ExperimentError(f"Expected `{where}deployed_epsilons` to be a non-empty list of distinct radii "
+                                      f"of `{where}epsilons` ({threat['epsilons']}). "
+                                      f"Received: deployed_epsilons={deployed!r}")
+            threat["deployed_epsilons"] = [float(eps) for eps in deployed]
         threat.setdefault("examples", 1000)
         _number(f"{where}examples", threat["examples"], low=1, integer=True)
         suite = threat.get("attacks")

@@ -149,10 +149,13 @@ def table(results):
         epsilons = [str(e) for e in rows[0]["threat_model"]["epsilons"]]
         attacks = _attack_columns(rows)
         deployed = sorted({a for r in rows for a in (_deployed(r).get("robust_accuracy") or {})})
+        attacked = {e for r in rows for e in (_deployed(r).get("worst_case") or {})}  # `deployed_epsilons`
+        deployed_epsilons = [e for e in epsilons if e in attacked] or epsilons
         seeds = sorted({r["seed"] for r in rows})
         header = ["model", "quant.", "clean"] + [f"{a} {e}" for a in attacks for e in epsilons]
         header += [f"worst {e}" for e in epsilons] + ["Keras clean (TFLM set)", "TFLM clean"]
-        header += [f"TFLM {a} {e}" for a in deployed for e in epsilons] + [f"TFLM worst {e}" for e in epsilons]
+        header += [f"TFLM {a} {e}" for a in deployed for e in deployed_epsilons]
+        header += [f"TFLM worst {e}" for e in deployed_epsilons]
         header += ["flash KB", "arena KB", "int8 flash KB", "ideal packed KB"]
         seed_note = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean ± std over seeds {', '.join(map(str, seeds))}"
         lines = [f"### {rows[0]['experiment']} ({rows[0]['dataset']}, {norm}, {rows[0]['threat_model']['examples']} "
@@ -171,8 +174,9 @@ def table(results):
             cells += [_stat(group, lambda r: _deployed_keras_accuracy(_deployed(r))),
                       _stat(group, lambda r: _deployed(r).get("clean_accuracy"))]
             cells += [_stat(group, lambda r, a=a, e=e: (_deployed(r).get("robust_accuracy") or {}).get(a, {}).get(e))
-                      for a in deployed for e in epsilons]
-            cells += [_stat(group, lambda r, e=e: (_deployed(r).get("worst_case") or {}).get(e)) for e in epsilons]
+                      for a in deployed for e in deployed_epsilons]
+            cells += [_stat(group, lambda r, e=e: (_deployed(r).get("worst_case") or {}).get(e))
+                      for e in deployed_epsilons]
             cells += ["-" if not d else f"{d['model_bytes'] / 1024:.1f}",
                       "-" if not d else f"{d['arena_bytes'] / 1024:.1f}",
                       "-" if not d else f"{d.get('int8_model_bytes', d['model_bytes']) / 1024:.1f}",

@@ -351,7 +351,7 @@ def _deployed(config, spec, model, attacked, cascade, out, x, y, threat, say, mo
     n = settings.deployed_examples  # at most the threat model's examples (`_check_sizes`)
     x_d, y_d = x[:n], y[:n]
 
-    epsilons = list(threat.epsilons)
+    epsilons = list(threat.deployed_epsilons or threat.epsilons)
     input_range = data.info(config.dataset).input_range
     clean = deployed(x_d).argmax(-1) == y_d
     correct = {}  # attack -> per eps: correct on clean input and under the attack, per example
@@ -360,7 +360,7 @@ def _deployed(config, spec, model, attacked, cascade, out, x, y, threat, say, mo
         correct[key] = [clean & (deployed(xa).argmax(-1) == y_d) for xa in result.x_adv]
 
     if "transfer" in settings.deployed_attacks:
-        source, label = _transfer_source(cascade, threat, input_range, config.seed)
+        source, label = _transfer_source(cascade, threat, epsilons, input_range, config.seed)
         say(f"  {spec.name}: transfer {label} from the Keras model to TFLite Micro ({n} examples)")
         record_attack("transfer", source.run(attacked, x_d, y_d))
     queries = settings.deployed_queries
@@ -402,16 +402,16 @@ def _deployed(config, spec, model, attacked, cascade, out, x, y, threat, say, mo
     return record
 
 
-def _transfer_source(cascade, threat, input_range, seed):
+def _transfer_source(cascade, threat, epsilons, input_range, seed):
     """The white-box attack whose adversarials on the Keras model are replayed on the deployed one, and its label.
 
     The gradient stages (APGD-CE, then APGD-T) of the threat model's suite
-    `cascade` (their compiled functions are reused), else PGD-20.
+    `cascade` (their compiled functions are reused), else PGD-20; at the radii `epsilons`.
     """
     if cascade is None:
-        return attacks.PGD(list(threat.epsilons), norm=threat.norm, steps=20, input_range=input_range, seed=seed), "PGD-20"
+        return attacks.PGD(epsilons, norm=threat.norm, steps=20, input_range=input_range, seed=seed), "PGD-20"
     white = {name: attack for name, attack in cascade.stages.items() if not attack.black_box}
-    return attacks.Cascade(white), " + ".join(name.upper() for name in white)
+    return attacks.Cascade(white, eps=epsilons), " + ".join(name.upper() for name in white)
 
 
 def _multi_exit(network, x, y, threat, thresholds, input_range, seed):

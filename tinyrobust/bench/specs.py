@@ -104,6 +104,9 @@ class ThreatSpec(_Spec):
     attacks: Mapping[str, Mapping[str, Any]]
     suite: Mapping[str, Any]
     multi_exit: Mapping[str, Any]
+    deployed_epsilons: Optional[tuple] = None  # the radii of the deployed attacks; None: every radius
+
+    _omit_when_none = ("deployed_epsilons",)
 
     def to_dict(self):
         """The table as the experiment file gives it (without `norm`, its key)."""
