@@ -39,10 +39,10 @@ CLAIMS = {
         Claim("STQ stays within 1.5 points of float clean accuracy", "stq", "float", "clean", margin=-0.015),
     ],
     "fashion_mnist_ard": [
-        Claim("The ARD STQ student beats the same student adversarially trained alone", "stq_ard", "stq_pgd_at",
+        Claim("The ARD STQ student beats the same student adversarially trained alone", "stq_ard", "stq_fgsm_at",
               "worst", eps="0.1"),
         Claim("The RSLAD STQ student beats the same student adversarially trained alone", "stq_rslad",
-              "stq_pgd_at", "worst", eps="0.1"),
+              "stq_fgsm_at", "worst", eps="0.1"),
         Claim("The ARD STQ student beats the int8 baseline under white-box attacks", "stq_ard", "int8", "worst",
               eps="0.1"),
     ],
@@ -61,8 +61,36 @@ TARGETS = {
     "fashion_mnist_tiny": [("float", 0.91), ("int8", 0.91)],
     "synthetic_kws_dscnn": [("float", 0.90)],
 }
+# The robust target of the recipes: the best adversarially trained or distilled STQ model on Fashion-MNIST (by
+# mean worst case at eps 0.1) reaches these means.
+ROBUST_TARGET = {"experiments": ("fashion_mnist_tiny", "fashion_mnist_ard"), "eps": "0.1", "clean": 0.80,
+                 "worst": 0.60}
 NOT_TESTED = ("NEO-KD keeps every exit of a multi-exit network robust: not tested offline (`cifar10_neokd` needs "
               "CIFAR-10 and a GPU).")
+
+
+def _best_robust_stq(rows_by_experiment):
+    """The robust target's record: the robust STQ model with the highest mean worst case at its eps, or None."""
+    eps, best = ROBUST_TARGET["eps"], None
+    for experiment in ROBUST_TARGET["experiments"]:
+        groups = {}
+        for r in rows_by_experiment.get(experiment, []):
+            model = r["model"]
+            robust = model.get("adversary") or (model.get("distill") or {}).get("method") in ("ard", "rslad")
+            if model["quantization"] == "stq" and robust:
+                groups.setdefault(model["name"], []).append(r)
+        for name, group in groups.items():
+            worst = [r["worst_case"].get(eps) for r in group]
+            if None in worst:
+                continue
+            record = {"experiment": experiment, "model": name, "seeds": len(group), "eps": eps,
+                      "clean": sum(r["clean_accuracy"] for r in group) / len(group),
+                      "worst": sum(worst) / len(worst)}
+            if best is None or record["worst"] > best["worst"]:
+                best = record
+    if best is not None:
+        best["met"] = best["clean"] >= ROBUST_TARGET["clean"] and best["worst"] >= ROBUST_TARGET["worst"]
+    return best
 
 
 def _sentence(record, experiment):
@@ -83,10 +111,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     folder = pathlib.Path(args.results)
-    checked, sentences, targets = {}, [], []
+    checked, sentences, targets, rows_by_experiment = {}, [], [], {}
     for experiment, experiment_claims in CLAIMS.items():
         path = folder / f"{experiment}_{args.profile}" / "results"
-        rows = results.read_all(path) if path.is_dir() else []
+        rows = rows_by_experiment[experiment] = results.read_all(path) if path.is_dir() else []
         checked[experiment] = [claims.check(claim, rows) for claim in experiment_claims]
         sentences += [_sentence(record, experiment) for record in checked[experiment]]
         for model, least in TARGETS.get(experiment, []):
@@ -94,8 +122,11 @@ def main(argv=None):
             mean = sum(values) / len(values) if values else None
             targets.append({"experiment": experiment, "model": model, "at_least": least, "mean": mean,
                             "seeds": len(values), "met": None if mean is None else mean >= least})
+    robust = _best_robust_stq(rows_by_experiment)
     record = {"command": "benchmarks/paper_claims.py " + " ".join(argv), "profile": args.profile,
-              "claims": checked, "quality_targets": targets, "not_tested": [NOT_TESTED]}
+              "claims": checked, "quality_targets": targets,
+              "robust_target": {**ROBUST_TARGET, "experiments": list(ROBUST_TARGET["experiments"]), "best": robust},
+              "not_tested": [NOT_TESTED]}
     out = pathlib.Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"paper_claims_{args.profile}.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -108,6 +139,15 @@ def main(argv=None):
         measured = "-" if t["mean"] is None else f"{100 * t['mean']:.1f}%"
         lines.append(f"| {t['experiment']} | {t['model']} | {100 * t['at_least']:.0f}% | {measured} | {t['seeds']} | "
                      f"{'-' if t['met'] is None else 'yes' if t['met'] else 'no'} |")
+    goal = (f"at least {100 * ROBUST_TARGET['clean']:.0f}% clean and {100 * ROBUST_TARGET['worst']:.0f}% worst case "
+            f"at eps {ROBUST_TARGET['eps']}")
+    lines += ["", "## Robust target (the best adversarially trained or distilled STQ model on Fashion-MNIST)", ""]
+    if robust is None:
+        lines.append(f"Target {goal}: not measured (no robust STQ results).")
+    else:
+        lines.append(f"Target {goal}: {robust['model']} ({robust['experiment']}, {robust['seeds']} seed"
+                     f"{'s' * (robust['seeds'] > 1)}) reaches {100 * robust['clean']:.1f}% clean and "
+                     f"{100 * robust['worst']:.1f}% worst case: {'met' if robust['met'] else 'not met'}.")
     lines += ["", f"Command: `{record['command']}`"]
     (out / f"paper_claims_{args.profile}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
