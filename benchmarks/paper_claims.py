@@ -9,9 +9,12 @@ and the quality targets the recipes must reach. Each claim is checked with
 `tinyrobust.bench.claims` on `benchmarks/results/<experiment>_<profile>/results`
 (every seed there), and holds only when every seed agrees.
 
-Writes benchmarks/results/paper_claims_<profile>.json and .md. Run:
+Writes benchmarks/results/paper_claims_<profile>.json and .md, and with
+`--readme README.md` the README's Results section (between its
+`<!-- results:begin -->` and `<!-- results:end -->` lines): the same tables
+and sentences with each experiment's plots. Run:
 
-    .venv/bin/python benchmarks/paper_claims.py --profile full
+    .venv/bin/python benchmarks/paper_claims.py --profile full --readme README.md
 """
 
 import argparse
@@ -93,6 +96,36 @@ def _best_robust_stq(rows_by_experiment):
     return best
 
 
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+PLOTS = (("accuracy_vs_eps_linf_worst.png", "worst-case accuracy vs eps"),
+         ("accuracy_vs_size_linf.png", "accuracy vs flash bytes of the shipped file"))
+
+
+def write_readme_section(readme, markdown, profile, results_folder):
+    """Replaces the README's Results block with `markdown` (headings one level down) and each experiment's plots.
+
+    Raises:
+        ValueError: the README lacks the begin/end marker lines.
+    """
+    readme = pathlib.Path(readme)
+    text = readme.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ValueError(f"Expected one {BEGIN!r} line before one {END!r} line in the README. Received: readme={str(readme)!r}")
+    body = ["#" + line if line.startswith("#") else line for line in markdown.splitlines()[1:]]
+    root = readme.resolve().parent
+    plots = []
+    for experiment in CLAIMS:
+        folder = pathlib.Path(results_folder).resolve() / f"{experiment}_{profile}" / "plots"
+        found = [(folder / name, label) for name, label in PLOTS if (folder / name).is_file()]
+        if found:
+            plots.append(f"- {experiment}: " + ", ".join(
+                f"[{label}]({path.relative_to(root) if path.is_relative_to(root) else path})" for path, label in found))
+    if plots:
+        body += ["", "### Plots", "", *plots]
+    start, stop = text.index(BEGIN) + len(BEGIN), text.index(END)
+    readme.write_text(text[:start] + "\n" + "\n".join(body).strip("\n") + "\n" + text[stop:])
+
+
 def _sentence(record, experiment):
     if record["verdict"] == "not measured":
         return f"- {record['statement']} ({experiment}): not measured (no paired results)."
@@ -108,6 +141,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="full", help="results of which profile: <experiment>_<profile>/")
     parser.add_argument("--results", default=str(RESULTS), help="folder holding the <experiment>_<profile> folders")
+    parser.add_argument("--readme", help="also rewrite this README's Results block (between its marker lines)")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     folder = pathlib.Path(args.results)
@@ -150,6 +184,8 @@ def main(argv=None):
                      f"{100 * robust['worst']:.1f}% worst case: {'met' if robust['met'] else 'not met'}.")
     lines += ["", f"Command: `{record['command']}`"]
     (out / f"paper_claims_{args.profile}.md").write_text("\n".join(lines) + "\n")
+    if args.readme:
+        write_readme_section(args.readme, "\n".join(lines), args.profile, folder)
     print("\n".join(lines))
 
 

@@ -65,7 +65,9 @@ def test_the_paper_claims_script_reads_every_seed_of_the_committed_layout(tmp_pa
     spec.loader.exec_module(script)
     for experiment in ("synthetic_kws_dscnn_quick", "fashion_mnist_ard_quick"):
         shutil.copytree(root / "benchmarks/results" / experiment, tmp_path / experiment)
-    script.main(["--profile", "quick", "--results", str(tmp_path)])
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n## Results\n\n<!-- results:begin -->\nstale text\n<!-- results:end -->\n\n## Next\n")
+    script.main(["--profile", "quick", "--results", str(tmp_path), "--readme", str(readme)])
     record = json.loads((tmp_path / "paper_claims_quick.json").read_text())
     rows = {r["model"]["name"]: r for r in (json.loads(p.read_text()) for p in
                                             (tmp_path / "synthetic_kws_dscnn_quick/results").glob("*.json"))}
@@ -83,3 +85,10 @@ def test_the_paper_claims_script_reads_every_seed_of_the_committed_layout(tmp_pa
     (kws_float,) = [t for t in record["quality_targets"] if t["experiment"] == "synthetic_kws_dscnn"]
     assert kws_float["mean"] == rows["float"]["clean_accuracy"] and kws_float["seeds"] == 1
     assert "## In words" in (tmp_path / "paper_claims_quick.md").read_text()
+    # The README's Results block: the same text one heading level down, the plots linked, the rest untouched.
+    text = readme.read_text()
+    assert "stale text" not in text and "### In words" in text and text.endswith("<!-- results:end -->\n\n## Next\n")
+    assert "[worst-case accuracy vs eps](synthetic_kws_dscnn_quick/plots/accuracy_vs_eps_linf_worst.png)" in text
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="results:begin"):
+        script.main(["--profile", "quick", "--results", str(tmp_path), "--readme", str(readme)])
