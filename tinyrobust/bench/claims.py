@@ -2,7 +2,9 @@
 
 A `Claim` says that one model of an experiment does better than another on
 one metric (clean accuracy, worst-case robust accuracy at an eps, the
-deployed model's worst case, flash bytes of the shipped file). `check` pairs
+deployed model's worst case, flash bytes of the shipped file, or the
+accuracy of a multi-exit network's weakest exit under the max-average
+multi-exit attack). `check` pairs
 the two models' results seed by seed, and reports each seed's difference,
 their mean and standard deviation, and a verdict that holds only when every
 seed agrees: a claim measured on one seed out of three that happened to go
@@ -14,8 +16,8 @@ import math
 
 __all__ = ["METRICS", "Claim", "check", "measured", "table"]
 
-METRICS = ("clean", "worst", "deployed_clean", "deployed_worst", "flash_bytes")
-_NEEDS_EPS = ("worst", "deployed_worst")
+METRICS = ("clean", "worst", "deployed_clean", "deployed_worst", "flash_bytes", "weakest_exit")
+_NEEDS_EPS = ("worst", "deployed_worst", "weakest_exit")
 
 
 def _value(result, metric, eps):
@@ -29,6 +31,9 @@ def _value(result, metric, eps):
         return deployed.get("clean_accuracy")
     if metric == "deployed_worst":
         return (deployed.get("worst_case") or {}).get(eps)
+    if metric == "weakest_exit":  # every exit attacked at once by the max-average multi-exit PGD
+        exits = (((result.get("multi_exit") or {}).get("attacks") or {}).get("max_average") or {}).get(eps)
+        return min(exits) if exits else None
     return deployed.get("model_bytes")
 
 
