@@ -25,10 +25,7 @@ class Cascade(Attack):
     """Attacks run in order, each only on the examples still robust after the earlier ones.
 
     Untargeted. At each eps an example is robust if it is correctly
-    classified on clean input and no stage found an adversarial for it. The
-    radii are attacked from the smallest up, and an adversarial found within
-    a smaller ball stands at every larger one (it lies inside it), so each
-    radius attacks only the examples still robust at the one below it.
+    classified on clean input and no stage found an adversarial for it.
 
     Args:
         stages: `{name: attack}`, run in this order; every attack shares the
@@ -52,13 +49,9 @@ class Cascade(Attack):
         """Attacks a batch at every epsilon; the result's `stages` holds who is still robust after each stage."""
         x, y = self._inputs(model, x, y)
         clean = labels_of(predict(model, x)) == y
-        count = len(self.epsilons)
-        advs, successes = [None] * count, [None] * count
-        stages = {name: [None] * count for name in self.stages}
-        x_adv, robust = x.copy(), clean.copy()  # carried from each radius to the next larger one
-        for i in np.argsort(self.epsilons, kind="stable"):
-            eps = self.epsilons[i]
-            x_adv, robust = x_adv.copy(), robust.copy()
+        advs, successes, stages = [], [], {name: [] for name in self.stages}
+        for eps in self.epsilons:
+            x_adv, robust = x.copy(), clean.copy()
             for name, attack in self.stages.items():
                 index = np.flatnonzero(robust)
                 if index.size and eps > 0:
@@ -66,9 +59,9 @@ class Cascade(Attack):
                     broken = result.success[0]
                     x_adv[index[broken]] = result.x_adv[0][broken]
                     robust[index[broken]] = False
-                stages[name][i] = robust.copy()
-            advs[i] = x_adv
-            successes[i] = self.is_success(model, x_adv, y)
+                stages[name].append(robust.copy())
+            advs.append(x_adv)
+            successes.append(self.is_success(model, x_adv, y))
         return AttackResult(self.epsilons, advs, successes, None, stages)
 
     def get_config(self):
