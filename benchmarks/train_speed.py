@@ -15,6 +15,22 @@ time snapped to powers of two.
 Targets (issue #18): input JR <= 1.5x plain, per-layer JR <= 1.8x, PGD-10 AT
 <= 5.0x, ARD with cached teacher logits <= its PGD-AT step.
 
+Floors. Three passes of the same network are timed alongside (interleaved with
+the steps): `forward_train` (a training-mode forward pass), `input_vjp_train`
+(that forward pass and one backward pass to the input, as a Jacobian
+projection needs) and `attack_iteration` (an inference-mode forward pass and
+the gradient of the cross-entropy with respect to the input, one PGD step).
+From them, lower bounds on each robust step that no implementation computing
+the exact gradients can beat:
+- PGD-10 AT >= plain + 10 * attack_iteration: ten attack steps, then a plain
+  training step on their output.
+- JR (one projection) >= plain + 2 * (input_vjp_train - forward_train): the
+  projection's backward pass to the input, and the weights' gradient flowing
+  back through that backward pass again (double backpropagation), which costs
+  at least as much as the pass itself.
+A target below its floor cannot be met by making the step leaner, only by
+doing less work (fewer attack steps, a cheaper estimator).
+
 Writes benchmarks/results/<output>.json and .md. Run:
 
     .venv/bin/python benchmarks/train_speed.py [--batch-sizes 32 64] [--steps 10] [--repeats 5] [--output train_speed]
@@ -41,6 +57,7 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 HIDDEN = ["stack_1_relu_2", "stack_2_relu_2", "stack_3_relu_2"]
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 CONFIGS = ("qat", "qat_jr_input", "qat_jr_per_layer", "qat_pgd10", "ard_cached_pgd10")
+PASSES = ("forward_train", "input_vjp_train", "attack_iteration")
 TARGETS = {"qat_jr_input": 1.5, "qat_jr_per_layer": 1.8, "qat_pgd10": 5.0}
 
 
@@ -77,13 +94,41 @@ def _step(name, x, y, jit_compile):
     return run
 
 
+def _pass(name, x, y, jit_compile):
+    """One traced, warmed-up pass `name` (see PASSES) of the STQ ResNet-8 on the batch `(x, y)`."""
+    keras.utils.set_random_seed(0)
+    network = tr.models.resnet8(quantization="stq")
+    x, y = tf.constant(x), tf.constant(y)
+
+    def input_gradient(training):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            logits = network(x, training=training)
+            # Training: a Jacobian projection v^T dz/dx (v fixed); inference: the attack's gradient.
+            target = tf.reduce_sum(logits * tf.ones_like(logits)) if training else tf.reduce_sum(LOSS(y, logits))
+        return tape.gradient(target, x)
+
+    fn = {"forward_train": lambda: network(x, training=True),
+          "input_vjp_train": lambda: input_gradient(True),
+          "attack_iteration": lambda: input_gradient(False)}[name]
+    traced = tf.function(fn, jit_compile=jit_compile)
+
+    def run():
+        float(tf.reduce_sum(traced()))  # waits for the pass
+
+    for _ in range(3):
+        run()
+    return run
+
+
 def seconds_per_step(batch_size, steps, repeats, jit_compile):
-    """Median seconds per step of every configuration at one batch size, timed in interleaved repeats."""
+    """Median seconds per step of every configuration and pass at one batch size, timed in interleaved repeats."""
     rng = np.random.default_rng(0)
     x = rng.uniform(size=(batch_size, 32, 32, 3)).astype("float32")
     y = rng.integers(0, 10, size=batch_size).astype("int32")
     runs = {name: _step(name, x, y, jit_compile) for name in CONFIGS}
-    timings = {name: [] for name in CONFIGS}
+    runs.update({name: _pass(name, x, y, jit_compile) for name in PASSES})
+    timings = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
             for _ in range(steps):
@@ -98,6 +143,13 @@ def _checks(times):
     met = {name: ratios[name] <= limit for name, limit in TARGETS.items()}
     met["ard_cached_pgd10"] = times["ard_cached_pgd10"] <= times["qat_pgd10"]
     return ratios, met
+
+
+def floors(times):
+    """Lower bounds (seconds) on the robust steps from the timed passes (see the module docstring)."""
+    projection = max(times["input_vjp_train"] - times["forward_train"], 0.0)
+    jr = times["qat"] + 2 * projection
+    return {"qat_jr_input": jr, "qat_jr_per_layer": jr, "qat_pgd10": times["qat"] + 10 * times["attack_iteration"]}
 
 
 def main():
@@ -122,21 +174,32 @@ def main():
     for batch_size in args.batch_sizes:
         times = seconds_per_step(batch_size, args.steps, args.repeats, args.jit_compile)
         ratios, met = _checks(times)
-        result["batches"][str(batch_size)] = {"seconds_per_step": times, "ratio_to_plain": ratios, "target_met": met}
-        lines += [f"\n## Batch {batch_size}\n", "| configuration | ms / step | x plain | target | met |",
-                  "| --- | --- | --- | --- | --- |"]
+        floor = floors(times)
+        floor_ratios = {name: value / times["qat"] for name, value in floor.items()}
+        reachable = {name: floor_ratios[name] <= TARGETS[name] for name in floor}
+        result["batches"][str(batch_size)] = {"seconds_per_step": times, "ratio_to_plain": ratios, "target_met": met,
+                                              "floor_seconds": floor, "floor_ratio_to_plain": floor_ratios,
+                                              "target_above_floor": reachable}
+        lines += [f"\n## Batch {batch_size}\n",
+                  "| configuration | ms / step | x plain | target | met | floor (x plain) | target >= floor |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for name in CONFIGS:
             target = result["targets"].get(name, "")
             lines.append(f"| {name} | {1000 * times[name]:.1f} | {ratios[name]:.2f} | {target} | "
-                         f"{'' if name not in met else 'yes' if met[name] else 'no'} |")
+                         f"{'' if name not in met else 'yes' if met[name] else 'no'} | "
+                         f"{f'{floor_ratios[name]:.2f}' if name in floor else ''} | "
+                         f"{'' if name not in reachable else 'yes' if reachable[name] else 'no'} |")
             print(f"batch {batch_size} {name:18s} {1000 * times[name]:8.1f} ms/step ({ratios[name]:.2f}x plain)",
                   flush=True)
+        lines += ["", "| pass | ms | x plain |", "| --- | --- | --- |"]
+        lines += [f"| {name} | {1000 * times[name]:.1f} | {ratios[name]:.2f} |" for name in PASSES]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.output}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{args.output}.md").write_text(
         "# Training step time, ResNet-8 STQ, every robust mode\n\nMedians over steps timed one by one in "
         "interleaved repeats on "
-        f"{os.cpu_count()} CPUs.\n" + "\n".join(lines) + f"\n\nCommand: `{command}`\n")
+        f"{os.cpu_count()} CPUs. Floor: the least a step with exact gradients can cost, from the timed passes "
+        "below each table (see the script's docstring); a target under its floor is out of reach.\n" + "\n".join(lines) + f"\n\nCommand: `{command}`\n")
 
 
 if __name__ == "__main__":
