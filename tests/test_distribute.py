@@ -23,14 +23,16 @@ def _free_ports(n):
     return ports
 
 
-def test_two_workers_on_localhost_end_with_identical_weights():
-    """MultiWorkerMirroredStrategy, two processes (TF_CONFIG): JR + PGD-AT, then an ARD student."""
+def test_two_workers_on_localhost_end_with_identical_weights(tmp_path):
+    """MultiWorkerMirroredStrategy, two processes (TF_CONFIG): JR + PGD-AT, then an ARD student, then JR + PGD-AT
+    interrupted after one epoch and resumed from `BackupAndRestore` by a fresh model."""
     script = os.path.join(os.path.dirname(__file__), "multi_worker_check.py")
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     processes = []
     for index in range(2):
         config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-        env = {**os.environ, "TF_CONFIG": json.dumps(config), "TF_CPP_MIN_LOG_LEVEL": "3"}
+        env = {**os.environ, "TF_CONFIG": json.dumps(config), "TF_CPP_MIN_LOG_LEVEL": "3",
+               "BACKUP_DIR": str(tmp_path / f"backup_{index}")}
         processes.append(subprocess.Popen([sys.executable, script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                           text=True, env=env))
     results = []
@@ -43,6 +45,9 @@ def test_two_workers_on_localhost_end_with_identical_weights():
     assert results[0]["student"] == results[1]["student"]
     assert results[0]["robust_loss"] == results[1]["robust_loss"]
     assert results[0]["robust_loss"][-1] < results[0]["robust_loss"][0]  # it trained
+    # The interrupted and resumed run ends like the uninterrupted one, on both workers, having run epochs 1 and 2.
+    assert [r["resumed"] for r in results] == [results[0]["robust"]] * 2
+    assert results[0]["resumed_loss"] == results[0]["robust_loss"][1:]
 
 
 def test_fit_on_one_device_is_keras_fit():
