@@ -4,8 +4,8 @@ Configurations, on the same random batch: plain QAT; QAT + JR (1 projection,
 input only); QAT + JR (1 projection, input and three hidden layers); QAT +
 PGD-10 AT; ARD (PGD-10, alpha 1) with the teacher's logits cached. Every
 configuration is built, traced and warmed up first, then timed in interleaved
-repeats (each repeat times `--steps` steps of every configuration in turn), so
-a slow spell of the machine falls on all of them; each step is timed on its own
+rounds (each round times one step of every configuration in turn; `--steps`
+times `--repeats` rounds), so a slow spell of the machine falls on all of them; each step is timed on its own
 (the step's `tf.function` on a fixed batch, waiting for its loss), and the
 figure is the median over every timed step. Timing `fit` over many steps
 instead measured steps of 63, 127, 255 or 511 ms on this 2-core machine
@@ -30,6 +30,13 @@ the exact gradients can beat:
   at least as much as the pass itself.
 A target below its floor cannot be met by making the step leaner, only by
 doing less work (fewer attack steps, a cheaper estimator).
+
+References. Two steps written directly with `tf.GradientTape` on the bare
+network and an Adam optimizer, without the engine, are timed too:
+`handwritten_jr_input` (one projection, input term) and `handwritten_pgd10`
+(ten linf steps in inference mode from a uniform start, then a training step on
+their output). The engine's `qat_jr_input` and `qat_pgd10` against them is what
+the engine itself costs.
 
 Writes benchmarks/results/<output>.json and .md. Run:
 
@@ -57,7 +64,8 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 HIDDEN = ["stack_1_relu_2", "stack_2_relu_2", "stack_3_relu_2"]
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 CONFIGS = ("qat", "qat_jr_input", "qat_jr_per_layer", "qat_pgd10", "ard_cached_pgd10")
-PASSES = ("forward_train", "input_vjp_train", "attack_iteration")
+PASSES = ("forward_train", "input_vjp_train", "attack_iteration", "handwritten_jr_input", "handwritten_pgd10")
+EPSILON = 8 / 255
 TARGETS = {"qat_jr_input": 1.5, "qat_jr_per_layer": 1.8, "qat_pgd10": 5.0}
 
 
@@ -100,6 +108,35 @@ def _pass(name, x, y, jit_compile):
     network = tr.models.resnet8(quantization="stq")
     x, y = tf.constant(x), tf.constant(y)
 
+    optimizer = keras.optimizers.Adam()
+    optimizer.build(network.trainable_variables)
+    projection_seed = keras.random.SeedGenerator(0)
+
+    def train_on(inputs, jacobian_weight=0.0):
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                inner.watch(inputs)
+                logits = network(inputs, training=True)
+            loss = tf.reduce_mean(LOSS(y, logits)) + tf.add_n(network.losses)
+            if jacobian_weight:
+                v = keras.random.normal(tf.shape(logits), seed=projection_seed)
+                v = v / tf.norm(v, axis=-1, keepdims=True)
+                g = inner.gradient(logits, inputs, output_gradients=v)
+                term = logits.shape[-1] * tf.reduce_mean(tf.reduce_sum(tf.square(tf.reshape(g, (len(x), -1))), -1))
+                loss = loss + 0.5 * jacobian_weight * term
+        optimizer.apply_gradients(zip(outer.gradient(loss, network.trainable_variables), network.trainable_variables))
+        return loss
+
+    def pgd10():
+        x_adv = tf.clip_by_value(x + tf.random.uniform(tf.shape(x), -EPSILON, EPSILON, seed=0), 0.0, 1.0)
+        for _ in range(10):
+            with tf.GradientTape() as tape:
+                tape.watch(x_adv)
+                loss = tf.reduce_sum(LOSS(y, network(x_adv, training=False)))
+            x_adv = x_adv + 0.25 * EPSILON * tf.sign(tape.gradient(loss, x_adv))
+            x_adv = tf.clip_by_value(tf.clip_by_value(x_adv, x - EPSILON, x + EPSILON), 0.0, 1.0)
+        return train_on(tf.stop_gradient(x_adv))
+
     def input_gradient(training):
         with tf.GradientTape() as tape:
             tape.watch(x)
@@ -110,7 +147,9 @@ def _pass(name, x, y, jit_compile):
 
     fn = {"forward_train": lambda: network(x, training=True),
           "input_vjp_train": lambda: input_gradient(True),
-          "attack_iteration": lambda: input_gradient(False)}[name]
+          "attack_iteration": lambda: input_gradient(False),
+          "handwritten_jr_input": lambda: train_on(x, jacobian_weight=0.01),
+          "handwritten_pgd10": pgd10}[name]
     traced = tf.function(fn, jit_compile=jit_compile)
 
     def run():
@@ -130,8 +169,8 @@ def seconds_per_step(batch_size, steps, repeats, jit_compile):
     runs.update({name: _pass(name, x, y, jit_compile) for name in PASSES})
     timings = {name: [] for name in runs}
     for _ in range(repeats):
-        for name, run in runs.items():
-            for _ in range(steps):
+        for _ in range(steps):  # one step of each in turn, so that a slow spell falls on all of them alike
+            for name, run in runs.items():
                 start = time.perf_counter()
                 run()
                 timings[name].append(time.perf_counter() - start)
@@ -199,7 +238,8 @@ def main():
         "# Training step time, ResNet-8 STQ, every robust mode\n\nMedians over steps timed one by one in "
         "interleaved repeats on "
         f"{os.cpu_count()} CPUs. Floor: the least a step with exact gradients can cost, from the timed passes "
-        "below each table (see the script's docstring); a target under its floor is out of reach.\n" + "\n".join(lines) + f"\n\nCommand: `{command}`\n")
+        "below each table (see the script's docstring); a target under its floor is out of reach. The handwritten "
+        "passes are the JR and PGD-10 steps written directly with `tf.GradientTape`, without the engine.\n" + "\n".join(lines) + f"\n\nCommand: `{command}`\n")
 
 
 if __name__ == "__main__":
