@@ -101,6 +101,15 @@ def test_the_paper_claims_script_reads_every_seed_of_the_committed_layout(tmp_pa
     (kws_float,) = [t for t in record["quality_targets"] if t["experiment"] == "synthetic_kws_dscnn"]
     assert kws_float["mean"] == rows["float"]["clean_accuracy"] and kws_float["seeds"] == 1
     assert "## In words" in (tmp_path / "paper_claims_quick.md").read_text()
+    # The time: each model's training and export once per seed, every evaluation.
+    (kws_time,) = [t for t in record["time"] if t["experiment"] == "synthetic_kws_dscnn"]
+    seconds = sum(sum(r["wall_time_s"].values()) for r in rows.values())
+    assert kws_time["hours"] == pytest.approx(seconds / 3600) and kws_time["results"] == len(rows)
+    assert kws_time["budget_hours"] is None  # only the full profiles have a budget
+    assert {t["experiment"] for t in record["time"]} == {"synthetic_kws_dscnn", "fashion_mnist_ard"}
+    twice = [{**r, "threat_model": {"norm": "l2"}} for r in rows.values()] + list(rows.values())
+    evaluations = sum(r["wall_time_s"]["evaluate"] for r in rows.values())
+    assert script.profile_seconds(twice) == pytest.approx(seconds + evaluations)
     # The README's Results block: the same text one heading level down, the plots linked, the rest untouched.
     text = readme.read_text()
     assert "stale text" not in text and "### In words" in text and text.endswith("<!-- results:end -->\n\n## Next\n")
