@@ -5,7 +5,8 @@ input only); QAT + JR (1 projection, input and three hidden layers); QAT +
 PGD-10 AT; ARD (PGD-10, alpha 1) with the teacher's logits cached. Every
 configuration is built, traced and warmed up first, then timed in interleaved
 rounds (each round times one step of every configuration in turn; `--steps`
-times `--repeats` rounds), so a slow spell of the machine falls on all of them; each step is timed on its own
+times `--repeats` rounds), so a slow spell of the machine falls on all of
+them; each step is timed on its own
 (the step's `tf.function` on a fixed batch, waiting for its loss), and the
 figure is the median over every timed step. Timing `fit` over many steps
 instead measured steps of 63, 127, 255 or 511 ms on this 2-core machine
@@ -107,7 +108,6 @@ def _pass(name, x, y, jit_compile):
     keras.utils.set_random_seed(0)
     network = tr.models.resnet8(quantization="stq")
     x, y = tf.constant(x), tf.constant(y)
-
     optimizer = keras.optimizers.Adam()
     optimizer.build(network.trainable_variables)
     projection_seed = keras.random.SeedGenerator(0)
@@ -161,7 +161,7 @@ def _pass(name, x, y, jit_compile):
 
 
 def seconds_per_step(batch_size, steps, repeats, jit_compile):
-    """Median seconds per step of every configuration and pass at one batch size, timed in interleaved repeats."""
+    """Median seconds per step of every configuration and pass at one batch size, timed in interleaved rounds."""
     rng = np.random.default_rng(0)
     x = rng.uniform(size=(batch_size, 32, 32, 3)).astype("float32")
     y = rng.integers(0, 10, size=batch_size).astype("int32")
