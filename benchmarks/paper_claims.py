@@ -73,10 +73,10 @@ TARGETS = {
     "fashion_mnist_tiny": [("float", 0.91), ("int8", 0.91)],
     "synthetic_kws_dscnn": [("float", 0.90)],
 }
-# The robust target of the recipes: the best adversarially trained or distilled STQ model on Fashion-MNIST (by
-# mean worst case at eps 0.1) reaches these means.
 # Each full profile's time budget on 2 CPU cores (issue #19); other profiles have none.
 BUDGET_HOURS = {"full": 2.5}
+# The robust target of the recipes: the best adversarially trained or distilled STQ model on Fashion-MNIST (by
+# mean worst case at eps 0.1) reaches these means.
 ROBUST_TARGET = {"experiments": ("fashion_mnist_tiny", "fashion_mnist_ard"), "eps": "0.1", "clean": 0.80,
                  "worst": 0.60}
 NOT_TESTED = ("The same claims on CIFAR-10, SVHN and Speech Commands (`cifar10_resnet8`, `svhn_resnet8`, "
