@@ -6,10 +6,11 @@ import sys
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import tinyrobust as tr
 from modes import MODES, build, targets
-from tinyrobust import callbacks, distill, multiexit
+from tinyrobust import callbacks, distill, multiexit, training
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -50,6 +51,15 @@ def test_clean_metrics_opt_in_costs_one_inference_pass():
     logs = model.fit(x, y, batch_size=16, epochs=1, verbose=0).history
     assert {"accuracy", "adv_accuracy"} <= set(logs)
     assert model.evaluate(x, y, verbose=0, return_dict=True).keys() == {"loss", "accuracy"}
+
+
+@pytest.mark.parametrize("objective", [training.Objective, training.CrossEntropy, distill.Distillation,
+                                       multiexit.NeoKD])
+def test_objective_step_methods_convert_with_autograph(objective):
+    # The step traces these; a method AutoGraph cannot convert runs unconverted and prints a warning that asks
+    # users to report a bug to TensorFlow (a docstring-only body did).
+    for name in ("targets", "adversarial_examples", "passes", "losses", "update_accuracies", "test_loss"):
+        tf.autograph.to_graph(getattr(objective, name))
 
 
 def test_trades_loss_adds_robust_term():
