@@ -19,11 +19,13 @@ Targets (issue #18): input JR <= 1.5x plain, per-layer JR <= 1.8x, PGD-10 AT
 Floors. Three passes of the same network are timed alongside (interleaved with
 the steps): `forward_train` (a training-mode forward pass), `input_vjp_train`
 (that forward pass and one backward pass to the input, as a Jacobian
-projection needs) and `attack_iteration` (an inference-mode forward pass and
-the gradient of the cross-entropy with respect to the input, one PGD step).
+projection needs) and `attack_10_iterations` (ten chained PGD iterations in
+one traced function: an inference-mode forward pass and the gradient of the
+cross-entropy with respect to the input, then a signed step; one function call,
+so the call's own overhead is counted once, as in a training step).
 From them, lower bounds on each robust step that no implementation computing
 the exact gradients can beat:
-- PGD-10 AT >= plain + 10 * attack_iteration: ten attack steps, then a plain
+- PGD-10 AT >= plain + attack_10_iterations: ten attack steps, then a plain
   training step on their output.
 - JR (one projection) >= plain + 2 * (input_vjp_train - forward_train): the
   projection's backward pass to the input, and the weights' gradient flowing
@@ -65,7 +67,7 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 HIDDEN = ["stack_1_relu_2", "stack_2_relu_2", "stack_3_relu_2"]
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 CONFIGS = ("qat", "qat_jr_input", "qat_jr_per_layer", "qat_pgd10", "ard_cached_pgd10")
-PASSES = ("forward_train", "input_vjp_train", "attack_iteration", "handwritten_jr_input", "handwritten_pgd10")
+PASSES = ("forward_train", "input_vjp_train", "attack_10_iterations", "handwritten_jr_input", "handwritten_pgd10")
 EPSILON = 8 / 255
 TARGETS = {"qat_jr_input": 1.5, "qat_jr_per_layer": 1.8, "qat_pgd10": 5.0}
 
@@ -127,7 +129,7 @@ def _pass(name, x, y, jit_compile):
         optimizer.apply_gradients(zip(outer.gradient(loss, network.trainable_variables), network.trainable_variables))
         return loss
 
-    def pgd10():
+    def attack_10_iterations():
         x_adv = tf.clip_by_value(x + tf.random.uniform(tf.shape(x), -EPSILON, EPSILON, seed=0), 0.0, 1.0)
         for _ in range(10):
             with tf.GradientTape() as tape:
@@ -135,21 +137,20 @@ def _pass(name, x, y, jit_compile):
                 loss = tf.reduce_sum(LOSS(y, network(x_adv, training=False)))
             x_adv = x_adv + 0.25 * EPSILON * tf.sign(tape.gradient(loss, x_adv))
             x_adv = tf.clip_by_value(tf.clip_by_value(x_adv, x - EPSILON, x + EPSILON), 0.0, 1.0)
-        return train_on(tf.stop_gradient(x_adv))
+        return x_adv
 
-    def input_gradient(training):
+    def input_vjp_train():
         with tf.GradientTape() as tape:
             tape.watch(x)
-            logits = network(x, training=training)
-            # Training: a Jacobian projection v^T dz/dx (v fixed); inference: the attack's gradient.
-            target = tf.reduce_sum(logits * tf.ones_like(logits)) if training else tf.reduce_sum(LOSS(y, logits))
+            logits = network(x, training=True)
+            target = tf.reduce_sum(logits * tf.ones_like(logits))  # a Jacobian projection v^T dz/dx, v fixed
         return tape.gradient(target, x)
 
     fn = {"forward_train": lambda: network(x, training=True),
-          "input_vjp_train": lambda: input_gradient(True),
-          "attack_iteration": lambda: input_gradient(False),
+          "input_vjp_train": input_vjp_train,
+          "attack_10_iterations": attack_10_iterations,
           "handwritten_jr_input": lambda: train_on(x, jacobian_weight=0.01),
-          "handwritten_pgd10": pgd10}[name]
+          "handwritten_pgd10": lambda: train_on(tf.stop_gradient(attack_10_iterations()))}[name]
     traced = tf.function(fn, jit_compile=jit_compile)
 
     def run():
@@ -161,7 +162,11 @@ def _pass(name, x, y, jit_compile):
 
 
 def seconds_per_step(batch_size, steps, repeats, jit_compile):
-    """Median seconds per step of every configuration and pass at one batch size, timed in interleaved rounds."""
+    """Seconds per step of every configuration and pass at one batch size, timed in interleaved rounds.
+
+    Returns:
+        `(medians, quartiles)`: dicts from name to the median, and to the `[first, third]` quartiles.
+    """
     rng = np.random.default_rng(0)
     x = rng.uniform(size=(batch_size, 32, 32, 3)).astype("float32")
     y = rng.integers(0, 10, size=batch_size).astype("int32")
@@ -174,7 +179,9 @@ def seconds_per_step(batch_size, steps, repeats, jit_compile):
                 start = time.perf_counter()
                 run()
                 timings[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in timings.items()}
+    quartiles = {name: statistics.quantiles(values, n=4, method="inclusive") for name, values in timings.items()}
+    return ({name: statistics.median(values) for name, values in timings.items()},
+            {name: [q[0], q[2]] for name, q in quartiles.items()})
 
 
 def _checks(times):
@@ -188,7 +195,7 @@ def floors(times):
     """Lower bounds (seconds) on the robust steps from the timed passes (see the module docstring)."""
     projection = max(times["input_vjp_train"] - times["forward_train"], 0.0)
     jr = times["qat"] + 2 * projection
-    return {"qat_jr_input": jr, "qat_jr_per_layer": jr, "qat_pgd10": times["qat"] + 10 * times["attack_iteration"]}
+    return {"qat_jr_input": jr, "qat_jr_per_layer": jr, "qat_pgd10": times["qat"] + times["attack_10_iterations"]}
 
 
 def main():
@@ -211,32 +218,36 @@ def main():
               "command": command}
     lines = []
     for batch_size in args.batch_sizes:
-        times = seconds_per_step(batch_size, args.steps, args.repeats, args.jit_compile)
+        times, quartiles = seconds_per_step(batch_size, args.steps, args.repeats, args.jit_compile)
         ratios, met = _checks(times)
         floor = floors(times)
         floor_ratios = {name: value / times["qat"] for name, value in floor.items()}
         reachable = {name: floor_ratios[name] <= TARGETS[name] for name in floor}
-        result["batches"][str(batch_size)] = {"seconds_per_step": times, "ratio_to_plain": ratios, "target_met": met,
+        result["batches"][str(batch_size)] = {"seconds_per_step": times, "quartiles_seconds": quartiles,
+                                              "ratio_to_plain": ratios, "target_met": met,
                                               "floor_seconds": floor, "floor_ratio_to_plain": floor_ratios,
                                               "target_above_floor": reachable}
         lines += [f"\n## Batch {batch_size}\n",
-                  "| configuration | ms / step | x plain | target | met | floor (x plain) | target >= floor |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| configuration | ms / step | quartiles (ms) | x plain | target | met | floor (x plain) "
+                  "| target >= floor |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name in CONFIGS:
             target = result["targets"].get(name, "")
-            lines.append(f"| {name} | {1000 * times[name]:.1f} | {ratios[name]:.2f} | {target} | "
+            low, high = (1000 * q for q in quartiles[name])
+            lines.append(f"| {name} | {1000 * times[name]:.1f} | {low:.1f}-{high:.1f} | {ratios[name]:.2f} | {target} | "
                          f"{'' if name not in met else 'yes' if met[name] else 'no'} | "
                          f"{f'{floor_ratios[name]:.2f}' if name in floor else ''} | "
                          f"{'' if name not in reachable else 'yes' if reachable[name] else 'no'} |")
             print(f"batch {batch_size} {name:18s} {1000 * times[name]:8.1f} ms/step ({ratios[name]:.2f}x plain)",
                   flush=True)
-        lines += ["", "| pass | ms | x plain |", "| --- | --- | --- |"]
-        lines += [f"| {name} | {1000 * times[name]:.1f} | {ratios[name]:.2f} |" for name in PASSES]
+        lines += ["", "| pass | ms | quartiles (ms) | x plain |", "| --- | --- | --- | --- |"]
+        lines += [f"| {name} | {1000 * times[name]:.1f} | {1000 * quartiles[name][0]:.1f}-"
+                  f"{1000 * quartiles[name][1]:.1f} | {ratios[name]:.2f} |" for name in PASSES]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.output}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{args.output}.md").write_text(
         "# Training step time, ResNet-8 STQ, every robust mode\n\nMedians over steps timed one by one in "
-        "interleaved repeats on "
+        "interleaved rounds on "
         f"{os.cpu_count()} CPUs. Floor: the least a step with exact gradients can cost, from the timed passes "
         "below each table (see the script's docstring); a target under its floor is out of reach. The handwritten "
         "passes are the JR and PGD-10 steps written directly with `tf.GradientTape`, without the engine.\n" + "\n".join(lines) + f"\n\nCommand: `{command}`\n")
