@@ -32,24 +32,29 @@ Claim = claims.Claim
 # "A wide margin": ten points of accuracy; "a fraction of the flash": at most half the int8 file.
 WIDE = 0.10
 FRACTION = 0.5
+# What the robustness costs: the robust model's clean accuracy against the baseline's. (The white-box claims are
+# tested at every radius an experiment evaluates, so that none is left out of the README.)
+CLEAN_COST = "STQ + JR keeps the int8 baseline's clean accuracy (within 2 points)"
 CLAIMS = {
     "fashion_mnist_tiny": [
         Claim("STQ + JR beats the int8 baseline under white-box attacks (worst case over FGSM, PGD and the "
-              "AutoAttack-style suite)", "stq_jr", "int8", "worst", eps="0.05"),
+              "AutoAttack-style suite)", "stq_jr", "int8", "worst", eps="0.02"),
+        Claim("STQ + JR beats the int8 baseline under white-box attacks", "stq_jr", "int8", "worst", eps="0.05"),
         Claim("STQ + JR beats the int8 baseline under white-box attacks", "stq_jr", "int8", "worst", eps="0.1"),
         Claim("STQ + JR beats the int8 baseline by a wide margin (10 points) on the deployed file (transfer, "
               "Square, HopSkipJump on TFLite Micro)", "stq_jr", "int8", "deployed_worst", eps="0.1", margin=WIDE),
         Claim("STQ + JR ships in at most half the int8 baseline's flash", "stq_jr", "int8", "flash_bytes",
               max_ratio=FRACTION),
         Claim("STQ stays within 1.5 points of float clean accuracy", "stq", "float", "clean", margin=-0.015),
+        Claim(CLEAN_COST, "stq_jr", "int8", "clean", margin=-0.02),
     ],
     "fashion_mnist_ard": [
-        Claim("The ARD STQ student beats the same student adversarially trained alone", "stq_ard", "stq_fgsm_at",
-              "worst", eps="0.1"),
-        Claim("The RSLAD STQ student beats the same student adversarially trained alone", "stq_rslad",
-              "stq_fgsm_at", "worst", eps="0.1"),
-        Claim("The ARD STQ student beats the int8 baseline under white-box attacks", "stq_ard", "int8", "worst",
-              eps="0.1"),
+        *(Claim("The ARD STQ student beats the same student adversarially trained alone", "stq_ard", "stq_fgsm_at",
+                "worst", eps=eps) for eps in ("0.05", "0.1")),
+        *(Claim("The RSLAD STQ student beats the same student adversarially trained alone", "stq_rslad",
+                "stq_fgsm_at", "worst", eps=eps) for eps in ("0.05", "0.1")),
+        *(Claim("The ARD STQ student beats the int8 baseline under white-box attacks", "stq_ard", "int8", "worst",
+                eps=eps) for eps in ("0.05", "0.1")),
     ],
     "fashion_mnist_neokd": [
         Claim("NEO-KD keeps every exit robust: its weakest exit under the max-average multi-exit attack beats that "
@@ -59,6 +64,7 @@ CLAIMS = {
               "weakest_exit", eps="0.1"),
     ],
     "synthetic_kws_dscnn": [
+        Claim("STQ + JR beats the int8 baseline under white-box attacks", "stq_jr", "int8", "worst", eps="0.1"),
         Claim("STQ + JR beats the int8 baseline under white-box attacks", "stq_jr", "int8", "worst", eps="0.25"),
         Claim("STQ + JR beats the int8 baseline under white-box attacks", "stq_jr", "int8", "worst", eps="0.5"),
         Claim("STQ + JR beats the int8 baseline by a wide margin (10 points) on the deployed file", "stq_jr", "int8",
@@ -66,6 +72,7 @@ CLAIMS = {
         Claim("STQ + JR ships in at most half the int8 baseline's flash", "stq_jr", "int8", "flash_bytes",
               max_ratio=FRACTION),
         Claim("STQ stays within 2 points of float clean accuracy", "stq", "float", "clean", margin=-0.02),
+        Claim(CLEAN_COST, "stq_jr", "int8", "clean", margin=-0.02),
     ],
 }
 # Quality targets of the recipes: {experiment: [(model, least mean clean accuracy)]}.

@@ -117,3 +117,25 @@ def test_the_paper_claims_script_reads_every_seed_of_the_committed_layout(tmp_pa
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="results:begin"):
         script.main(["--profile", "quick", "--results", str(tmp_path), "--readme", str(readme)])
+
+
+def test_the_paper_claims_cover_every_radius_of_each_full_profile():
+    # No radius left out of the README: each white-box claim is tested at every eps its experiment evaluates.
+    import importlib.util
+    import pathlib
+
+    from tinyrobust.bench import config
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("paper_claims", root / "benchmarks" / "paper_claims.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for experiment, listed in script.CLAIMS.items():
+        epsilons = config.load(root / "experiments" / f"{experiment}.toml", profile="full").threat_models["linf"].epsilons
+        radii = {}
+        for claim in listed:
+            if claim.metric in ("worst", "weakest_exit"):
+                radii.setdefault((claim.better, claim.baseline, claim.metric), set()).add(claim.eps)
+        assert radii, experiment
+        for key, found in radii.items():
+            assert found == {str(eps) for eps in epsilons}, (experiment, key)
