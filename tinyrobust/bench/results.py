@@ -5,6 +5,7 @@ The format of `results/<model>__<norm>.json` is the typed record
 JSON Schema, `benchmarks/results/result.schema.json`, is generated.
 """
 
+import itertools
 import json
 import pathlib
 import warnings
@@ -286,17 +287,23 @@ def plots(results, folder):
             figure.savefig(path, dpi=100)
             plt.close(figure)
             written.append(path)
-        figure, axis = plt.subplots(figsize=(5, 3.5))
-        largest = epsilons[-1]
+        figure, axis = plt.subplots(figsize=(5.5, 3.8))
+        markers = dict(zip(epsilons, itertools.cycle("x^svDP*")))  # a marker per radius; the colour is the model
         for i, group in enumerate(groups):
             if not _deployed(group[0]):  # not exported: no shipped file to measure
                 continue
             size = _deployed(group[0])["model_bytes"] / 1024
             clean = _mean(r["clean_accuracy"] for r in group)
             axis.scatter([size], [clean], marker="o", color=f"C{i}")
-            axis.scatter([size], [_mean(r["worst_case"][largest] for r in group)], marker="x", color=f"C{i}")
+            for e, marker in markers.items():
+                worst = _mean(r["worst_case"].get(e) for r in group)
+                if worst is not None:
+                    axis.scatter([size], [worst], marker=marker, color=f"C{i}")
             axis.annotate(group[0]["model"]["name"], (size, clean), fontsize="small")
-        axis.set(xlabel="flash bytes of the shipped .tflite (KB)", ylabel="accuracy (o clean, x worst case at eps " + largest + ")",
+        axis.legend(handles=[plt.Line2D([], [], color="k", marker="o", linestyle="", label="clean")]
+                    + [plt.Line2D([], [], color="k", marker=m, linestyle="", label=f"worst, eps {e}")
+                       for e, m in markers.items()], fontsize="x-small")
+        axis.set(xlabel="flash bytes of the shipped .tflite (KB)", ylabel="accuracy (mean over seeds)",
                  ylim=(0, 1), title=f"{rows[0]['experiment']}: accuracy vs size ({norm})")
         figure.tight_layout()
         path = folder / f"accuracy_vs_size_{norm}.png"
