@@ -100,8 +100,5 @@ def shared_settings(result):
 
 def file_digest(path):
     """The SHA-256 (16 hex digits) of a file's bytes."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+        return hashlib.file_digest(handle, "sha256").hexdigest()[:16]
