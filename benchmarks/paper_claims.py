@@ -32,9 +32,9 @@ Claim = claims.Claim
 # "A wide margin": ten points of accuracy; "a fraction of the flash": at most half the int8 file.
 WIDE = 0.10
 FRACTION = 0.5
-# What the robustness costs: the robust model's clean accuracy against the baseline's. (The white-box claims are
-# tested at every radius an experiment evaluates, so that none is left out of the README.)
+# What the robustness costs: the robust model's clean accuracy against the baseline's.
 CLEAN_COST = "STQ + JR keeps the int8 baseline's clean accuracy (within 2 points)"
+# Each white-box claim is tested at every radius its experiment evaluates, so that none is left out of the README.
 CLAIMS = {
     "fashion_mnist_tiny": [
         Claim("STQ + JR beats the int8 baseline under white-box attacks (worst case over FGSM, PGD and the "
