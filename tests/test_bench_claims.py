@@ -1,6 +1,11 @@
+import importlib.util
+import pathlib
+
 import pytest
 
 from tinyrobust.bench import claims
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _row(model, seed, clean, worst, deployed_worst=None, model_bytes=None, norm="linf"):
@@ -69,18 +74,21 @@ def test_bad_claims_are_refused(kwargs, message):
         claims.Claim(**{"statement": "s", "better": "a", "baseline": "b", **kwargs})
 
 
-def test_the_paper_claims_script_reads_every_seed_of_the_committed_layout(tmp_path):
-    import importlib.util
-    import json
-    import pathlib
-    import shutil
-
-    root = pathlib.Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("paper_claims", root / "benchmarks" / "paper_claims.py")
+def _paper_claims_script():
+    """`benchmarks/paper_claims.py`, imported as a module."""
+    spec = importlib.util.spec_from_file_location("paper_claims", ROOT / "benchmarks" / "paper_claims.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_the_paper_claims_script_reads_every_seed_of_the_committed_layout(tmp_path):
+    import json
+    import shutil
+
+    script = _paper_claims_script()
     for experiment in ("synthetic_kws_dscnn_quick", "fashion_mnist_ard_quick"):
-        shutil.copytree(root / "benchmarks/results" / experiment, tmp_path / experiment)
+        shutil.copytree(ROOT / "benchmarks/results" / experiment, tmp_path / experiment)
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n## Results\n\n<!-- results:begin -->\nstale text\n<!-- results:end -->\n\n## Next\n")
     script.main(["--profile", "quick", "--results", str(tmp_path), "--readme", str(readme)])
@@ -121,17 +129,11 @@ def test_the_paper_claims_script_reads_every_seed_of_the_committed_layout(tmp_pa
 
 def test_the_paper_claims_cover_every_radius_of_each_full_profile():
     # No radius left out of the README: each white-box claim is tested at every eps its experiment evaluates.
-    import importlib.util
-    import pathlib
-
     from tinyrobust.bench import config
 
-    root = pathlib.Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("paper_claims", root / "benchmarks" / "paper_claims.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _paper_claims_script()
     for experiment, listed in script.CLAIMS.items():
-        epsilons = config.load(root / "experiments" / f"{experiment}.toml", profile="full").threat_models["linf"].epsilons
+        epsilons = config.load(ROOT / "experiments" / f"{experiment}.toml", profile="full").threat_models["linf"].epsilons
         radii = {}
         for claim in listed:
             if claim.metric in ("worst", "weakest_exit"):
