@@ -231,18 +231,20 @@ def main():
                   "| configuration | ms / step | quartiles (ms) | x plain | target | met | floor (x plain) "
                   "| target >= floor |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        def timing(name):  # "median | quartiles" cells, in ms
+            low, high = (1000 * q for q in quartiles[name])
+            return f"{1000 * times[name]:.1f} | {low:.1f}-{high:.1f}"
+
         for name in CONFIGS:
             target = result["targets"].get(name, "")
-            low, high = (1000 * q for q in quartiles[name])
-            lines.append(f"| {name} | {1000 * times[name]:.1f} | {low:.1f}-{high:.1f} | {ratios[name]:.2f} | {target} | "
+            lines.append(f"| {name} | {timing(name)} | {ratios[name]:.2f} | {target} | "
                          f"{'' if name not in met else 'yes' if met[name] else 'no'} | "
                          f"{f'{floor_ratios[name]:.2f}' if name in floor else ''} | "
                          f"{'' if name not in reachable else 'yes' if reachable[name] else 'no'} |")
             print(f"batch {batch_size} {name:18s} {1000 * times[name]:8.1f} ms/step ({ratios[name]:.2f}x plain)",
                   flush=True)
         lines += ["", "| pass | ms | quartiles (ms) | x plain |", "| --- | --- | --- | --- |"]
-        lines += [f"| {name} | {1000 * times[name]:.1f} | {1000 * quartiles[name][0]:.1f}-"
-                  f"{1000 * quartiles[name][1]:.1f} | {ratios[name]:.2f} |" for name in PASSES]
+        lines += [f"| {name} | {timing(name)} | {ratios[name]:.2f} |" for name in PASSES]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.output}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{args.output}.md").write_text(
