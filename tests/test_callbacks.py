@@ -118,6 +118,142 @@ def test_robust_accuracy_is_at_most_clean_accuracy_on_trained_model():
     assert clean > 0.5 and attacked < clean - 0.2
 
 
+def test_robust_accuracy_attacks_the_last_exit_of_a_multi_exit_model():
+    x, y = _data(16)
+    backbone = tr.models.small_cnn(width=4)
+    network = tr.multiexit.attach_exits(backbone, ["relu_1"])
+    final = keras.Model(network.inputs, network.outputs[-1])
+    seen = []
+
+    def attack(model, x, y):
+        seen.append(len(model.outputs))
+        return x
+
+    robust = callbacks.RobustAccuracy(x, y, attack=attack)
+    robust.set_model(network)
+    expected = np.mean(np.argmax(final.predict(x, verbose=0), axis=-1) == y)
+    assert robust.evaluate() == pytest.approx(expected) and seen == [1]
+
+
+class _Scripted(callbacks.RobustEarlyStopping):
+    """Held-out robust accuracy read from a script instead of measured, one value per epoch."""
+
+    def __init__(self, values, **kwargs):
+        x, y = _data(4)
+        super().__init__(x, y, **kwargs)
+        self.values = values
+
+    def evaluate(self):
+        return self.values[len(self.history)]
+
+
+class _Snapshots(keras.callbacks.Callback):
+    """Every weight of the model at the end of each epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append({v.path: keras.ops.convert_to_numpy(v) for v in self.model.weights})
+
+
+def _stochasticity(model):
+    return [v.path for v in model.weights if v.path.endswith("stochasticity")]
+
+
+def test_robust_early_stopping_stops_on_a_collapse_and_restores_the_best_learned_weights():
+    model = _model(adversary={"method": "fgsm_rs", "epsilon": 0.05})
+    x, y = _data()
+    guard = _Scripted([0.3, 0.6, 0.5, 0.3, 0.9], collapse=0.2)
+    snapshots = _Snapshots()
+    history = model.fit(x, y, epochs=5, batch_size=16, verbose=0, callbacks=[
+        guard, callbacks.QuantizationNoiseScheduler(2, start_epoch=1), snapshots])
+    # Epoch 4 (1-based) fell 0.3 below the best (epoch 2): training stopped there, epoch 5 never ran.
+    assert guard.record() == {"robust_accuracy": [0.3, 0.6, 0.5, 0.3], "best_epoch": 2, "stopped_epoch": 4}
+    assert history.history["robust_accuracy"] == [0.3, 0.6, 0.5, 0.3] and len(snapshots.epochs) == 4
+    scheduled = {"robust_small_cnn_stq/jacobian_scale", "robust_small_cnn_stq/epsilon_scale", *_stochasticity(model)}
+    for variable in model.weights:
+        expected = snapshots.epochs[3 if variable.path in scheduled else 1][variable.path]
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), expected, err_msg=variable.path)
+    assert not np.array_equal(snapshots.epochs[1]["conv_1/kernel"], snapshots.epochs[3]["conv_1/kernel"])
+    # The schedulers' variables keep their last values: the noise had faded to 0 at epoch 3 (0-based).
+    assert all(float(keras.ops.convert_to_numpy(v)) == 0.0 for v in model.weights if v.path in _stochasticity(model))
+
+
+def test_robust_early_stopping_without_collapse_runs_every_epoch_and_can_keep_the_last_weights():
+    model = _model()
+    x, y = _data()
+    guard = _Scripted([0.5, 0.1, 0.2], collapse=None, restore_best_weights=False)
+    snapshots = _Snapshots()
+    model.fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[guard, snapshots])
+    assert guard.record() == {"robust_accuracy": [0.5, 0.1, 0.2], "best_epoch": 1, "stopped_epoch": None}
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.get_layer("conv_1").kernel),
+                                  snapshots.epochs[2]["conv_1/kernel"])
+
+
+class _Interrupt(keras.callbacks.Callback):
+    """Dies at the end of an epoch: after the guard recorded it, before `BackupAndRestore` saved it."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+class _Batches(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.count += 1
+
+
+def _guarded_fit(path, values, interrupt=None, delete_checkpoint=True):
+    """A seeded STQ model trained 5 epochs of 2 batches with a scripted guard kept in `path`; returns (model,
+    guard, batches trained)."""
+    keras.utils.set_random_seed(0)
+    model = _model(adversary={"method": "fgsm_rs", "epsilon": 0.05})
+    guard = _Scripted(values, collapse=0.2, path=path / "guard")
+    batches = _Batches()
+    steps = [guard, *([] if interrupt is None else [_Interrupt(interrupt)]),
+             keras.callbacks.BackupAndRestore(str(path / "backup"), delete_checkpoint=delete_checkpoint),
+             callbacks.SeedEachEpoch(0), batches]
+    x, y = _data()
+    try:
+        model.fit(x, y, epochs=5, batch_size=16, shuffle=False, verbose=0, callbacks=steps)
+    except KeyboardInterrupt:
+        pass
+    return model, guard, batches.count
+
+
+@pytest.mark.parametrize("values", [[0.3, 0.6, 0.5, 0.55, 0.58], [0.3, 0.6, 0.5, 0.3, 0.9]],
+                         ids=["runs_to_the_end", "stops"])
+def test_robust_early_stopping_resumed_selects_like_an_uninterrupted_run(tmp_path, values):
+    whole, whole_guard, _ = _guarded_fit(tmp_path / "whole", values)
+    # Epoch 3 (1-based) is recorded by the guard but not backed up: the resumed run trains and records it again.
+    _guarded_fit(tmp_path / "cut", values, interrupt=2)
+    resumed, resumed_guard, _ = _guarded_fit(tmp_path / "cut", values)
+    assert resumed_guard.record() == whole_guard.record()
+    for a, b in zip(whole.weights, resumed.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b), err_msg=a.path)
+
+
+def test_robust_early_stopping_resumed_after_it_stopped_trains_no_further(tmp_path):
+    values = [0.3, 0.6, 0.5, 0.3, 0.9]
+    # The backup is kept, as if the process had died after stopping and before the model was saved.
+    first, first_guard, _ = _guarded_fit(tmp_path, values, delete_checkpoint=False)
+    again, again_guard, batches = _guarded_fit(tmp_path, values)
+    assert again_guard.record() == first_guard.record() and first_guard.record()["stopped_epoch"] == 4
+    assert batches == 1  # Keras checks `stop_training` after a batch; the fifth epoch's other batch never runs
+    for a, b in zip(first.weights, again.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b), err_msg=a.path)
+
+
 @pytest.mark.parametrize(
     "build, message",
     [
@@ -128,6 +264,9 @@ def test_robust_accuracy_is_at_most_clean_accuracy_on_trained_model():
         (lambda: callbacks.CosineLearningRate(0.01, epochs=3, final_fraction=2), "Received: final_fraction=2"),
         (lambda: callbacks.RobustAccuracy(np.zeros((0, 2)), np.zeros(0)), r"Received: len\(x\)=0"),
         (lambda: callbacks.RobustAccuracy(np.zeros((2, 2)), np.zeros(2), every=0), "Received: every=0"),
+        (lambda: callbacks.RobustEarlyStopping(np.zeros((2, 2)), np.zeros(2), collapse=0), "Received: collapse=0"),
+        (lambda: callbacks.RobustEarlyStopping(np.zeros((2, 2)), np.zeros(2), restore_best_weights="yes"),
+         "Received: restore_best_weights='yes'"),
     ],
 )
 def test_bad_arguments(build, message):

@@ -6,17 +6,18 @@ epoch number alone, which keeps resumed runs (`keras.callbacks.BackupAndRestore`
 on the same schedule.
 """
 
+import json
 import pathlib
 
 import keras
 import numpy as np
 from keras import ops
 
-from tinyrobust import attacks, export, quantizers, seeding
+from tinyrobust import attacks, export, models, quantizers, seeding
 from tinyrobust.validation import check_number
 
 __all__ = ["CosineLearningRate", "JacobianWeightScheduler", "EpsilonScheduler", "QuantizationNoiseScheduler",
-           "RobustAccuracy", "TFLiteExport", "StopOnNonFiniteLoss", "SeedEachEpoch"]
+           "RobustAccuracy", "RobustEarlyStopping", "TFLiteExport", "StopOnNonFiniteLoss", "SeedEachEpoch"]
 
 
 def _ramp(epoch, start_epoch, ramp_epochs, start, end):
@@ -182,12 +183,15 @@ class RobustAccuracy(keras.callbacks.Callback):
         self._last = None
 
     def evaluate(self):
-        """Accuracy of the current model under the attack."""
+        """Accuracy of the current model under the attack (of its last output, for a multi-exit model)."""
+        model = self.model
+        if len(getattr(model, "outputs", None) or ()) > 1:
+            model = keras.Model(models.inputs_of(model), model.outputs[-1])
         correct = 0
         for i in range(0, len(self.x), self.batch_size):
             x, y = self.x[i: i + self.batch_size], self.y[i: i + self.batch_size]
-            x_adv = self.attack(self.model, x, y)
-            predictions = np.argmax(ops.convert_to_numpy(self.model(x_adv, training=False)), axis=-1)
+            x_adv = self.attack(model, x, y)
+            predictions = np.argmax(ops.convert_to_numpy(model(x_adv, training=False)), axis=-1)
             correct += int(np.sum(predictions == y))
         return correct / len(self.x)
 
@@ -198,6 +202,121 @@ class RobustAccuracy(keras.callbacks.Callback):
         if logs is not None:
             logs[self.name] = self._last
 
+
+
+def _scheduled_variables(model):
+    """The variables the schedulers above set at every epoch (not learned, so never restored)."""
+    found = [getattr(model, name, None) for name in ("jacobian_scale", "epsilon_scale")]
+    found += [quantizer.stochasticity for quantizer in quantizers.stochastic_quantizers(model)]
+    return {id(v) for v in found if v is not None}
+
+
+class RobustEarlyStopping(RobustAccuracy):
+    """Keeps the weights of the epoch with the best held-out robust accuracy, and stops on a collapse.
+
+    Single-step adversarial training (FGSM, FGSM-RS) can overfit
+    catastrophically: within an epoch, robustness to multi-step attacks falls
+    to near zero while FGSM accuracy stays high (Wong et al., 2020, "Fast is
+    better than free"). After every epoch this callback attacks held-out
+    training data (never the test set) and logs the accuracy as `name`; when
+    it falls more than `collapse` below the best so far, training stops. At
+    the end of training the weights of the best epoch are put back (learned
+    weights and batch-norm statistics; the schedulers' variables keep their
+    last values). With `path`, the best weights and the per-epoch record are
+    kept on disk, so a run resumed by `keras.callbacks.BackupAndRestore`
+    selects exactly as an uninterrupted one; put this callback before
+    `BackupAndRestore` in the list, so an epoch is recorded here before it is
+    backed up. A run resumed after it had stopped trains one more batch
+    (Keras reads `stop_training` after a batch), then ends with the same best
+    weights.
+
+    Args:
+        x: held-out inputs (e.g. the "validation" split of
+            `tinyrobust.data.load_arrays`).
+        y: integer labels.
+        epsilon: radius of the default attack.
+        attack: callable `attack(model, x, y) -> x_adv`; default
+            `attacks.PGD(epsilon, steps=10)`, L-inf, step `epsilon / 4`, one
+            random start with a fixed seed (the same start every epoch).
+        collapse: stop when the accuracy falls more than this (a fraction, in
+            (0, 1]) below the best epoch's; None never stops early.
+        restore_best_weights: put the best epoch's weights back at the end.
+        path: folder for `best.weights.npz` and `early_stopping.json`, or None
+            to keep them in memory only.
+        batch_size: examples per attack batch.
+        name: log key.
+
+    Attributes:
+        history: held-out robust accuracy per finished epoch.
+        best_epoch: 0-based epoch of the best accuracy (the first of ties).
+        stopped_epoch: 0-based epoch after which training stopped, or None.
+    """
+
+    def __init__(self, x, y, epsilon=8 / 255, attack=None, collapse=0.2, restore_best_weights=True, path=None,
+                 batch_size=256, name="robust_accuracy"):
+        super().__init__(x, y, attack=attack, epsilon=epsilon, batch_size=batch_size, name=name)
+        if collapse is not None:
+            check_number("collapse", collapse, low=0, low_open=True, high=1)
+        if not isinstance(restore_best_weights, bool):
+            raise ValueError("Expected `restore_best_weights` to be True or False. "
+                             f"Received: restore_best_weights={restore_best_weights!r}")
+        self.collapse, self.restore_best_weights = collapse, restore_best_weights
+        self.path = None if path is None else pathlib.Path(path)
+        self.history, self.best_epoch, self.stopped_epoch = [], None, None
+        self._best_weights = None
+
+    def record(self):
+        """The outcome as a JSON-ready dict: `robust_accuracy` per epoch, `best_epoch` and `stopped_epoch`
+        (1-based, None when training ran every epoch)."""
+        return {"robust_accuracy": list(self.history),
+                "best_epoch": None if self.best_epoch is None else self.best_epoch + 1,
+                "stopped_epoch": None if self.stopped_epoch is None else self.stopped_epoch + 1}
+
+    def _learned(self):
+        scheduled = _scheduled_variables(self.model)
+        return [v for v in self.model.weights if id(v) not in scheduled]
+
+    def on_train_begin(self, logs=None):
+        self.history, self.best_epoch, self.stopped_epoch, self._best_weights = [], None, None, None
+        if self.path is None or not (self.path / "early_stopping.json").exists():
+            return
+        record = json.loads((self.path / "early_stopping.json").read_text())
+        self.history = [float(v) for v in record["robust_accuracy"]]
+        self.best_epoch = record["best_epoch"] - 1
+        self.stopped_epoch = None if record["stopped_epoch"] is None else record["stopped_epoch"] - 1
+        with np.load(self.path / "best.weights.npz") as stored:
+            self._best_weights = [stored[f"w{i}"] for i in range(len(stored.files))]
+        if self.stopped_epoch is not None:  # stopped before an interruption: train no further
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.stopped_epoch is not None:  # the run resumed after stopping: nothing new to select
+            return
+        del self.history[epoch:]  # an epoch recorded before an interruption and trained again
+        value = self.evaluate()
+        self.history.append(value)
+        if logs is not None:
+            logs[self.name] = value
+        self.best_epoch = int(np.argmax(self.history))
+        if self.best_epoch == epoch:
+            self._best_weights = [ops.convert_to_numpy(v) for v in self._learned()]
+        if self.collapse is not None and value < self.history[self.best_epoch] - self.collapse:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+        if self.path is not None:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if self.best_epoch == epoch:
+                partial = self.path / "best.partial.npz"
+                np.savez(partial, **{f"w{i}": w for i, w in enumerate(self._best_weights)})
+                partial.replace(self.path / "best.weights.npz")
+            partial = self.path / "early_stopping.partial.json"
+            partial.write_text(json.dumps(self.record()) + "\n")
+            partial.replace(self.path / "early_stopping.json")
+
+    def on_train_end(self, logs=None):
+        if self.restore_best_weights and self._best_weights is not None:
+            for variable, value in zip(self._learned(), self._best_weights):
+                variable.assign(value)
 
 
 class SeedEachEpoch(keras.callbacks.Callback):
