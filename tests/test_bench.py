@@ -2,6 +2,7 @@ import dataclasses
 import json
 import pathlib
 
+import keras
 import numpy as np
 import pytest
 
@@ -18,6 +19,8 @@ def _write(tmp_path, text):
     path.write_text(text)
     return path
 
+
+_FGSM = 'adversary = { method = "fgsm_rs", epsilon = 0.05 }'
 
 BASE = """
 dataset = "fashion_mnist"
@@ -107,6 +110,17 @@ attacks = { fgsm = { type = "FGSM" } }
         (BASE + "\n[export]\ncompress = 1\n", "export.compress=1"),
         (BASE + "\n[export]\ndeployed_queries = 100\ndeployed_attacks = [\"hopskipjump\"]\n", "at least 162 queries"),
         (BASE + "\nsuite = \"autoattack-plus\"\n", "suite.name='autoattack-plus'"),
+        (BASE.replace('options = { width = 4 }', 'early_stopping = { collapse = 0.2 }'),
+         "needs an adversarially trained model"),
+        (BASE.replace('options = { width = 4 }', 'early_stopping = { collapse = 0 }\n' + _FGSM),
+         "early_stopping.collapse=0"),
+        (BASE.replace('options = { width = 4 }', 'early_stopping = { patience = 2 }\n' + _FGSM),
+         "Unknown key 'models\\[0\\].early_stopping.patience'"),
+        (BASE.replace('options = { width = 4 }', 'early_stopping = { steps = 1.5 }\n' + _FGSM),
+         "early_stopping.steps=1.5"),
+        (BASE.replace('options = { width = 4 }', 'early_stopping = 1\n' + _FGSM), "early_stopping=1"),
+        (BASE.replace('options = { width = 4 }', 'early_stopping = {}\n' + _FGSM) + "\n[train]\nvalidation_fraction = 0.0\n",
+         "train.validation_fraction=0.0"),
     ],
 )
 def test_invalid_experiment_fails_before_work_naming_the_key(tmp_path, text, message):
@@ -464,6 +478,28 @@ def test_the_recipe_schedules_learning_rate_ramps_and_noise_where_the_model_has_
     assert all(q.stochasticity.numpy() == 0.0 for q in tr.quantizers.stochastic_quantizers(trained))
 
 
+def test_early_stopping_selects_the_epoch_by_held_out_pgd_and_records_it(tmp_path):
+    text = BASE.replace('options = { width = 4 }', 'options = { width = 4 }\n' + _FGSM +
+                        '\nearly_stopping = { examples = 32, steps = 2 }')
+    text += "\n[train]\nepochs = 3\nlimit = 64\n[export]\nenabled = false\n"
+    config = bench.load(_write(tmp_path, text))
+    assert config.models[0].early_stopping == {"examples": 32, "steps": 2, "collapse": 0.2}
+    (result,) = bench.run(config, tmp_path / "run", verbose=False)
+    record = result["early_stopping"]
+    assert result["model"]["early_stopping"] == {"examples": 32, "steps": 2, "collapse": 0.2}
+    history = record["robust_accuracy"]
+    assert 1 <= len(history) <= 3 and all(0.0 <= a <= 1.0 for a in history)
+    assert record["best_epoch"] == 1 + int(np.argmax(history))
+    assert (record["stopped_epoch"] is None) == (len(history) == 3)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert f"- m: PGD-2 on 32 examples, best {100 * max(history):.1f}% after epoch {record['best_epoch']}" in report
+    # The kept weights are the best epoch's: the saved model scores that accuracy on the held-out examples.
+    x, y = tr.data.load_arrays("fashion_mnist", "validation", limit=32)
+    guard = tr.callbacks.RobustEarlyStopping(x, y, attack=tr.attacks.PGD(0.05, steps=2, rel_step_size=0.25))
+    guard.set_model(keras.saving.load_model(tmp_path / "run" / "models" / "m.keras"))
+    assert guard.evaluate() == pytest.approx(max(history))
+
+
 def test_a_second_run_into_a_busy_folder_stops_at_once(tmp_path):
     import subprocess
     import sys
@@ -591,6 +627,8 @@ def test_artifacts_are_reused_only_with_the_settings_that_made_them(tmp_path, ca
                                                  "Received: export.calibration_size=100000000"),
     ("[export]\nparity_examples = 10001\n", "Received: export.parity_examples=10001"),
     ("[train]\nlimit = 54001\n", "Received: train.limit=54001"),
+    ("[[models]]\nname = \"r\"\narchitecture = \"small_cnn\"\n" + _FGSM + "\nearly_stopping = { examples = 6001 }\n",
+     "more examples than the validation split holds .6,000.. Received: models.1..early_stopping.examples=6001"),
 ])
 def test_sizes_beyond_their_split_are_refused_before_any_work(tmp_path, extra, message):
     text = BASE + "\n" + extra

@@ -35,7 +35,9 @@ _TRAIN = {"epochs", "batch_size", "learning_rate", "limit", "augment", "validati
           "schedule", "warmup_epochs", "jacobian_ramp_epochs", "epsilon_ramp_epochs", "noise_anneal_epochs"}
 _SCHEDULES = ("constant", "cosine")
 _MODEL = {"name", "architecture", "quantization", "options", "jacobian", "adversary", "distill", "exits", "neokd",
-          "seeds"}
+          "seeds", "early_stopping"}
+_EARLY_STOPPING = {"examples", "steps", "collapse"}
+EARLY_STOPPING_DEFAULTS = {"examples": 1000, "steps": 10, "collapse": 0.2}
 _DISTILL = {"teacher", "method", "temperature", "alpha", "teacher_seed"}
 _EXITS = {"layers", "thresholds"}
 _NEOKD = {"alpha", "beta", "attack", "exit_weights"}
@@ -227,6 +229,30 @@ def _check_models(config):
                                       f"student (teacher seeds: {taught}). Received: {where}seeds={runs!r}")
         if model.get("exits") is not None or model.get("neokd") is not None:
             _check_exits(where, model, built)
+        if model.get("early_stopping") is not None:
+            _check_early_stopping(where, model, config["train"], data.info(config["dataset"]))
+
+
+def _check_early_stopping(where, model, train, dataset_info):
+    """`early_stopping = { examples, steps, collapse }`: an adversarially trained model (an `adversary`, or ARD or
+    RSLAD distillation) checked each epoch with PGD on held-out training data; defaults filled in."""
+    table = model["early_stopping"]
+    if not isinstance(table, dict):
+        raise ExperimentError(f"Expected `{where}early_stopping` to be a table. Received: early_stopping={table!r}")
+    _unknown(f"{where}early_stopping.", table, _EARLY_STOPPING)
+    distilled = (model.get("distill") or {}).get("method", "ard") in ("ard", "rslad") and model.get("distill")
+    if model.get("adversary") is None and not distilled:
+        raise ExperimentError(f"`{where}early_stopping` selects epochs by robust accuracy: it needs an adversarially "
+                              f"trained model (`adversary`, or ARD/RSLAD `distill`). Received: "
+                              f"{where}early_stopping={table!r} on model {model['name']!r} without either")
+    if not train.get("validation_fraction") and not dataset_info.native_validation:
+        raise ExperimentError(f"`{where}early_stopping` checks held-out training data: `train.validation_fraction` "
+                              f"must be above 0. Received: train.validation_fraction={train.get('validation_fraction')!r}")
+    for key, value in EARLY_STOPPING_DEFAULTS.items():
+        table.setdefault(key, value)
+    _number(f"{where}early_stopping.examples", table["examples"], low=1, integer=True)
+    _number(f"{where}early_stopping.steps", table["steps"], low=1, integer=True)
+    _number(f"{where}early_stopping.collapse", table["collapse"], low=0, low_open=True, high=1)
 
 
 def _check_teacher_seed(where, seed, teacher, taught, experiment_seeds):

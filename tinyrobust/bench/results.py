@@ -193,6 +193,10 @@ def table(results):
                           f"worst: per example over clean and every deployed attack."]
         if flagged:
             lines += ["", "Honest-evaluation flags:", *flagged]
+        selected = [f"- {_label(r, seeds)}: {_early_stopping_note(r)}" for r in rows if r.get("early_stopping")]
+        if selected:
+            lines += ["", "Early stopping (PGD on held-out training examples after each epoch; the best epoch's "
+                          "weights are the model's):", *selected]
         mixed = mixed_settings(rows)
         if mixed:
             lines += ["", "Mixed settings: these rows do not all come from the same experiment settings (rerun "
@@ -202,6 +206,19 @@ def table(results):
         if multi:
             sections.append(_multi_exit_table(multi, epsilons, seeds))
     return "\n\n".join(sections) + "\n"
+
+
+def _early_stopping_note(result):
+    """One line on how a result's model was selected: best epoch, and the collapse that stopped training."""
+    record, table = result["early_stopping"], result["model"].get("early_stopping") or {}
+    history = record["robust_accuracy"]
+    best = record["best_epoch"]
+    line = (f"PGD-{table.get('steps', '?')} on {table.get('examples', '?')} examples, best {100 * history[best - 1]:.1f}% "
+            f"after epoch {best} of {len(history)} run")
+    stopped = record.get("stopped_epoch")
+    if stopped is not None:
+        line += f"; stopped after epoch {stopped} ({100 * history[stopped - 1]:.1f}%: a collapse)"
+    return line
 
 
 def mixed_settings(results):

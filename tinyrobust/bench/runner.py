@@ -99,6 +99,11 @@ def _check_sizes(config):
               for norm, threat in config.threat_models.items()]
     if config.export.enabled:
         asked.append(("export.parity_examples", config.export.parity_examples, test, "the test split holds"))
+    stopping = [(i, m) for i, m in enumerate(config.models) if m.early_stopping]
+    if stopping:
+        held_out = len(data.load_raw(name, "validation", validation_fraction=fraction, seed=config.seed)[1])
+        asked += [(f"models[{i}].early_stopping.examples", m.early_stopping["examples"], held_out,
+                   "the validation split holds") for i, m in stopping]
     for key, value, size, what in asked:
         if value is not None and value > size:
             raise ExperimentError(f"`{key}` asks for more examples than {what} ({size:,}). Received: {key}={value}")
@@ -226,6 +231,21 @@ def _recipe_callbacks(recipe, model):
     return found
 
 
+def _early_stopping(config, spec, model, path):
+    """The model's `callbacks.RobustEarlyStopping` (PGD at its training epsilon on the first `examples` of the
+    validation split), kept in `path`; None without an `early_stopping` table."""
+    if not spec.early_stopping:
+        return None
+    settings, recipe = spec.early_stopping, config.train
+    x, y = data.load_arrays(config.dataset, "validation", validation_fraction=recipe.validation_fraction,
+                            limit=settings["examples"], seed=config.seed)
+    epsilon = model.adversary.epsilon
+    attack = attacks.PGD(epsilon, steps=settings["steps"], rel_step_size=0.25,
+                         input_range=data.info(config.dataset).input_range, seed=config.seed)
+    return callbacks.RobustEarlyStopping(x, y, epsilon=epsilon, attack=attack, collapse=settings["collapse"],
+                                         path=path, name="held_out_pgd")
+
+
 class _TrainingClock(keras.callbacks.Callback):
     """Adds up the seconds of finished epochs across interrupted and resumed runs.
 
@@ -305,8 +325,9 @@ def train(config, spec, out, verbose=True):
     (checkpoints / "settings.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     backup = keras.callbacks.BackupAndRestore(str(checkpoints))
     clock = _TrainingClock(checkpoints / "clock.json")
-    steps = [backup, clock, callbacks.SeedEachEpoch(config.seed, epoch), callbacks.StopOnNonFiniteLoss(),
-             *_recipe_callbacks(recipe, model)]
+    guard = _early_stopping(config, spec, model, checkpoints / "early_stopping")
+    steps = [*([guard] if guard else []), backup, clock, callbacks.SeedEachEpoch(config.seed, epoch),
+             callbacks.StopOnNonFiniteLoss(), *_recipe_callbacks(recipe, model)]
     distribute.fit(model, train_data, epochs=recipe.epochs, callbacks=steps,
                    verbose=1 if verbose and sys.stdout.isatty() else 2 if verbose else 0)
     seconds = clock.seconds
@@ -318,8 +339,9 @@ def train(config, spec, out, verbose=True):
         model = model.network
     model.save(partial)
     # The record first: a model file is never without the settings that made it.
+    stopped = {"early_stopping": guard.record()} if guard else {}
     (out / "models" / f"{spec.name}.train.json").write_text(
-        json.dumps({"seconds": seconds, "resumed": clock.resumed, **record}, indent=2, default=str) + "\n")
+        json.dumps({"seconds": seconds, "resumed": clock.resumed, **stopped, **record}, indent=2, default=str) + "\n")
     partial.replace(path)
     return model, seconds
 
@@ -654,6 +676,7 @@ def _run_seed(config, out, command, say):
                           "quantization": spec.quantization, "options": entry["options"],
                           "jacobian": entry.get("jacobian") or {}, "adversary": entry.get("adversary"),
                           "distill": entry.get("distill"), "exits": entry.get("exits"), "neokd": entry.get("neokd"),
+                          "early_stopping": entry.get("early_stopping"),
                           "params": footprint.params, "int8_bytes": footprint.int8_bytes,
                           "packed_bytes": footprint.packed_bytes, "bits": bits},
                 "threat_model": {"norm": norm, "epsilons": list(threat.epsilons), "examples": int(len(x))},
@@ -664,6 +687,7 @@ def _run_seed(config, out, command, say):
                 "quality_target": None if target is None else {
                     "metric": "clean_accuracy", "target": target, "met": accuracy["clean"] >= target},
                 "deployed": deployed, "multi_exit": multi_exit,
+                "early_stopping": (train_record or {}).get("early_stopping"),
                 "wall_time_s": {"train": train_seconds, "evaluate": evaluate_seconds, "export": export_seconds},
                 "settings": {**settings[norm], "model_settings": model_settings},
                 "fingerprint": fingerprints.fingerprint(settings[norm]),

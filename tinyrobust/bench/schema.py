@@ -16,7 +16,7 @@ import types
 import typing
 from typing import Any, Optional
 
-__all__ = ["Result", "Model", "ThreatModel", "Deployed", "MultiExit", "EarlyExit", "QualityTarget", "WallTime",
+__all__ = ["Result", "Model", "ThreatModel", "Deployed", "MultiExit", "EarlyExit", "EarlyStopping", "QualityTarget", "WallTime",
            "check", "json_schema", "SCHEMA_FILE"]
 
 SCHEMA_FILE = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "result.schema.json"
@@ -50,6 +50,7 @@ class Model:
     distill: Optional[dict[str, Any]] = _field("the student's {teacher, method, ...} table, or null", None)
     exits: Optional[dict[str, Any]] = _field("multi-exit table {layers, thresholds}, or null", None)
     neokd: Optional[dict[str, Any]] = _field("NEO-KD table, or null", None)
+    early_stopping: Optional[dict[str, Any]] = _field("early-stopping table {examples, steps, collapse}, or null", None)
     bits: dict[str, int] = _field("kernel bits per quantized layer", {})
 
 
@@ -124,6 +125,15 @@ class MultiExit:
 
 
 @dataclasses.dataclass(frozen=True)
+class EarlyStopping:
+    """How `callbacks.RobustEarlyStopping` chose the trained weights (epochs 1-based)."""
+
+    robust_accuracy: list[float] = _field("PGD accuracy on the held-out training examples after each epoch")
+    best_epoch: int = _field("the epoch whose weights were kept (the first of ties)")
+    stopped_epoch: Optional[int] = _field("the epoch after which training stopped on a collapse, or null")
+
+
+@dataclasses.dataclass(frozen=True)
 class WallTime:
     """Seconds spent by each step of the run that wrote the result (null: not done in that run)."""
 
@@ -157,6 +167,8 @@ class Result:
     quality_target: Optional[QualityTarget] = _field("MLPerf Tiny's target, or null where there is none")
     deployed: Optional[Deployed] = _field("the deployed artifact, or null without export")
     multi_exit: Optional[MultiExit] = _field("every exit of a multi-exit model, or null", None)
+    early_stopping: Optional[EarlyStopping] = _field("the epoch selection of a model with `early_stopping`, or null",
+                                                     None)
     settings: Optional[dict[str, Any]] = _field(
         "exactly the settings that produced it: model fingerprint, threat_model, export, versions, and "
         "model_settings (dataset, seed, train recipe, experiment entry, teacher fingerprint); absent before "

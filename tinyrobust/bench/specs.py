@@ -84,9 +84,10 @@ class ModelSpec(_Spec):
     exits: Optional[Mapping[str, Any]] = None
     neokd: Optional[Mapping[str, Any]] = None
     seeds: Optional[tuple] = None  # the experiment's seeds this model runs with (None: all)
+    early_stopping: Optional[Mapping[str, Any]] = None  # {examples, steps, collapse}: `callbacks.RobustEarlyStopping`
 
     # Keys the experiment file left out stay out of the canonical form (and of the fingerprint).
-    _omit_when_none = ("jacobian", "adversary", "distill", "exits", "neokd", "seeds")
+    _omit_when_none = ("jacobian", "adversary", "distill", "exits", "neokd", "seeds", "early_stopping")
 
     @property
     def file_name(self):
