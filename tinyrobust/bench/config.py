@@ -240,7 +240,8 @@ def _check_early_stopping(where, model, train, dataset_info):
     if not isinstance(table, dict):
         raise ExperimentError(f"Expected `{where}early_stopping` to be a table. Received: early_stopping={table!r}")
     _unknown(f"{where}early_stopping.", table, _EARLY_STOPPING)
-    distilled = (model.get("distill") or {}).get("method", "ard") in ("ard", "rslad") and model.get("distill")
+    distill = model.get("distill")
+    distilled = distill is not None and distill.get("method", "ard") != "kd"  # ARD and RSLAD attack the student
     if model.get("adversary") is None and not distilled:
         raise ExperimentError(f"`{where}early_stopping` selects epochs by robust accuracy: it needs an adversarially "
                               f"trained model (`adversary`, or ARD/RSLAD `distill`). Received: "
