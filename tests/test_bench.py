@@ -119,8 +119,8 @@ attacks = { fgsm = { type = "FGSM" } }
         (BASE.replace('options = { width = 4 }', 'early_stopping = { steps = 1.5 }\n' + _FGSM),
          "early_stopping.steps=1.5"),
         (BASE.replace('options = { width = 4 }', 'early_stopping = 1\n' + _FGSM), "early_stopping=1"),
-        (BASE.replace('options = { width = 4 }', 'early_stopping = {}\n' + _FGSM) + "\n[train]\nvalidation_fraction = 0.0\n",
-         "train.validation_fraction=0.0"),
+        (BASE.replace('options = { width = 4 }', 'early_stopping = {}\n' + _FGSM)
+         + "\n[train]\nvalidation_fraction = 0.0\n", "train.validation_fraction=0.0"),
     ],
 )
 def test_invalid_experiment_fails_before_work_naming_the_key(tmp_path, text, message):

@@ -206,7 +206,7 @@ class RobustAccuracy(keras.callbacks.Callback):
 
 def _scheduled_variables(model):
     """The variables the schedulers above set at every epoch (not learned, so never restored)."""
-    found = [getattr(model, name, None) for name in ("jacobian_scale", "epsilon_scale")]
+    found = [getattr(model, scheduler.attribute, None) for scheduler in (JacobianWeightScheduler, EpsilonScheduler)]
     found += [quantizer.stochasticity for quantizer in quantizers.stochastic_quantizers(model)]
     return {id(v) for v in found if v is not None}
 

@@ -37,7 +37,7 @@ _SCHEDULES = ("constant", "cosine")
 _MODEL = {"name", "architecture", "quantization", "options", "jacobian", "adversary", "distill", "exits", "neokd",
           "seeds", "early_stopping"}
 _EARLY_STOPPING = {"examples", "steps", "collapse"}
-EARLY_STOPPING_DEFAULTS = {"examples": 1000, "steps": 10, "collapse": 0.2}
+_EARLY_STOPPING_DEFAULTS = {"examples": 1000, "steps": 10, "collapse": 0.2}
 _DISTILL = {"teacher", "method", "temperature", "alpha", "teacher_seed"}
 _EXITS = {"layers", "thresholds"}
 _NEOKD = {"alpha", "beta", "attack", "exit_weights"}
@@ -248,8 +248,9 @@ def _check_early_stopping(where, model, train, dataset_info):
                               f"{where}early_stopping={table!r} on model {model['name']!r} without either")
     if not train.get("validation_fraction") and not dataset_info.native_validation:
         raise ExperimentError(f"`{where}early_stopping` checks held-out training data: `train.validation_fraction` "
-                              f"must be above 0. Received: train.validation_fraction={train.get('validation_fraction')!r}")
-    for key, value in EARLY_STOPPING_DEFAULTS.items():
+                              f"must be above 0. Received: "
+                              f"train.validation_fraction={train.get('validation_fraction')!r}")
+    for key, value in _EARLY_STOPPING_DEFAULTS.items():
         table.setdefault(key, value)
     _number(f"{where}early_stopping.examples", table["examples"], low=1, integer=True)
     _number(f"{where}early_stopping.steps", table["steps"], low=1, integer=True)

@@ -213,8 +213,8 @@ def _early_stopping_note(result):
     record, table = result["early_stopping"], result["model"].get("early_stopping") or {}
     history = record["robust_accuracy"]
     best = record["best_epoch"]
-    line = (f"PGD-{table.get('steps', '?')} on {table.get('examples', '?')} examples, best {100 * history[best - 1]:.1f}% "
-            f"after epoch {best} of {len(history)} run")
+    line = (f"PGD-{table.get('steps', '?')} on {table.get('examples', '?')} examples, "
+            f"best {100 * history[best - 1]:.1f}% after epoch {best} of {len(history)} run")
     stopped = record.get("stopped_epoch")
     if stopped is not None:
         line += f"; stopped after epoch {stopped} ({100 * history[stopped - 1]:.1f}%: a collapse)"

@@ -16,8 +16,8 @@ import types
 import typing
 from typing import Any, Optional
 
-__all__ = ["Result", "Model", "ThreatModel", "Deployed", "MultiExit", "EarlyExit", "EarlyStopping", "QualityTarget", "WallTime",
-           "check", "json_schema", "SCHEMA_FILE"]
+__all__ = ["Result", "Model", "ThreatModel", "Deployed", "MultiExit", "EarlyExit", "EarlyStopping", "QualityTarget",
+           "WallTime", "check", "json_schema", "SCHEMA_FILE"]
 
 SCHEMA_FILE = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "result.schema.json"
 _ABSENT = dataclasses.MISSING
