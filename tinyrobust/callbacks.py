@@ -13,7 +13,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tinyrobust import attacks, export, models, quantizers, seeding
+from tinyrobust import attacks, export, multiexit, quantizers, seeding
 from tinyrobust.validation import check_number
 
 __all__ = ["CosineLearningRate", "JacobianWeightScheduler", "EpsilonScheduler", "QuantizationNoiseScheduler",
@@ -184,9 +184,7 @@ class RobustAccuracy(keras.callbacks.Callback):
 
     def evaluate(self):
         """Accuracy of the current model under the attack (of its last output, for a multi-exit model)."""
-        model = self.model
-        if len(getattr(model, "outputs", None) or ()) > 1:
-            model = keras.Model(models.inputs_of(model), model.outputs[-1])
+        model = multiexit.final_exit(self.model) if getattr(self.model, "outputs", None) else self.model
         correct = 0
         for i in range(0, len(self.x), self.batch_size):
             x, y = self.x[i: i + self.batch_size], self.y[i: i + self.batch_size]

@@ -19,7 +19,7 @@ from tinyrobust.training import Objective, RobustModel, Untracked, input_adversa
 from tinyrobust.validation import check_choice, check_number
 
 __all__ = ["EarlyExitResult", "MultiExitPGD", "NEOKD", "attach_exits", "early_exit", "exit_accuracies", "exit_macs",
-           "multi_exit_attack", "neokd_loss", "orthogonal_classes"]
+           "final_exit", "multi_exit_attack", "neokd_loss", "orthogonal_classes"]
 
 
 def attach_exits(backbone, exit_layers, name=None):
@@ -52,6 +52,21 @@ def attach_exits(backbone, exit_layers, name=None):
             features = keras.layers.GlobalAveragePooling2D(name=f"exit_{i}_pool")(features)
         outputs.append(keras.layers.Dense(classes, name=f"exit_{i}")(features))
     return keras.Model(models.inputs_of(backbone), [*outputs, backbone.outputs[0]], name=name or f"{backbone.name}_multiexit")
+
+
+def final_exit(model, name=None):
+    """The model seen through its last output (the backbone's logits of a multi-exit model), sharing its layers.
+
+    Args:
+        model: a functional model with one or more outputs.
+        name: the view's name; default Keras'.
+
+    Returns:
+        `model` itself when it has one output, else a model of its last output.
+    """
+    if len(model.outputs) == 1:
+        return model
+    return keras.Model(models.inputs_of(model), model.outputs[-1], name=name)
 
 
 def _layer_macs(layer):

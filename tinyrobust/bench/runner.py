@@ -632,7 +632,7 @@ def _run_seed(config, out, command, say):
         train_seconds = train_record.get("seconds") if train_record else None
         network = None
         if spec.exits:  # attacks, checks and export see the final exit; `multi_exit` covers every exit
-            network, model = model, keras.Model(models.inputs_of(model), model.outputs[-1], name=f"{spec.name}_final")
+            network, model = model, multiexit.final_exit(model, name=f"{spec.name}_final")
         footprint, bits = _footprint(network or model)
         attacked = export.fold_quantized_weights(model)  # the same outputs, weight quantizers evaluated once
         for norm, threat in config.threat_models.items():
