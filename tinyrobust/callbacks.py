@@ -13,7 +13,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tinyrobust import attacks, export, multiexit, quantizers, seeding
+from tinyrobust import attacks, export, files, multiexit, quantizers, seeding
 from tinyrobust.validation import check_number
 
 __all__ = ["CosineLearningRate", "JacobianWeightScheduler", "EpsilonScheduler", "QuantizationNoiseScheduler",
@@ -304,12 +304,9 @@ class RobustEarlyStopping(RobustAccuracy):
         if self.path is not None:
             self.path.mkdir(parents=True, exist_ok=True)
             if self.best_epoch == epoch:
-                partial = self.path / "best.partial.npz"
-                np.savez(partial, **{f"w{i}": w for i, w in enumerate(self._best_weights)})
-                partial.replace(self.path / "best.weights.npz")
-            partial = self.path / "early_stopping.partial.json"
-            partial.write_text(json.dumps(self.record()) + "\n")
-            partial.replace(self.path / "early_stopping.json")
+                with files.atomic_path(self.path / "best.weights.npz") as partial:
+                    np.savez(partial, **{f"w{i}": w for i, w in enumerate(self._best_weights)})
+            files.write_json(self.path / "early_stopping.json", self.record(), indent=None)
 
     def on_train_end(self, logs=None):
         if self.restore_best_weights and self._best_weights is not None:

@@ -10,6 +10,7 @@ import json
 import pathlib
 import warnings
 
+from tinyrobust import files
 from tinyrobust.bench import fingerprints, schema
 
 SCHEMA_VERSION = 1
@@ -55,12 +56,7 @@ def _validate_multi_exit(record, epsilons):
 def write(result, path):
     """Validates and writes one result file atomically."""
     validate(result)
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    partial.replace(path)
-    return path
+    return files.write_json(path, result, sort_keys=True)
 
 
 def read_all(folder):

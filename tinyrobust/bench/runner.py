@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tinyrobust import attacks, callbacks, data, distill, distribute, export, models, multiexit, quantizers
+from tinyrobust import attacks, callbacks, data, distill, distribute, export, files, models, multiexit, quantizers
 from tinyrobust.attacks.base import labels_of, predict
 from tinyrobust.bench import fingerprints
 from tinyrobust.bench import results as results_lib
@@ -271,7 +271,7 @@ class _TrainingClock(keras.callbacks.Callback):
         self.start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        self.path.write_text(json.dumps({"seconds": self.seconds, "epoch": epoch}) + "\n")
+        files.write_json(self.path, {"seconds": self.seconds, "epoch": epoch}, indent=None)
 
     @property
     def seconds(self):
@@ -322,7 +322,7 @@ def train(config, spec, out, verbose=True):
         train_data = train_data.map(lambda x, y: (x, (y,) * exits))
     checkpoints = out / "checkpoints" / spec.name
     checkpoints.mkdir(parents=True, exist_ok=True)
-    (checkpoints / "settings.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    files.write_json(checkpoints / "settings.json", record, default=str)
     backup = keras.callbacks.BackupAndRestore(str(checkpoints))
     clock = _TrainingClock(checkpoints / "clock.json")
     guard = _early_stopping(config, spec, model, checkpoints / "early_stopping")
@@ -331,18 +331,16 @@ def train(config, spec, out, verbose=True):
     distribute.fit(model, train_data, epochs=recipe.epochs, callbacks=steps,
                    verbose=1 if verbose and sys.stdout.isatty() else 2 if verbose else 0)
     seconds = clock.seconds
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.stem + ".partial.keras")
     if isinstance(model, distill.RobustDistiller):  # what is evaluated and deployed is the student
         model = model.student
     if isinstance(model, multiexit.NEOKD):
         model = model.network
-    model.save(partial)
     # The record first: a model file is never without the settings that made it.
     stopped = {"early_stopping": guard.record()} if guard else {}
-    (out / "models" / f"{spec.name}.train.json").write_text(
-        json.dumps({"seconds": seconds, "resumed": clock.resumed, **stopped, **record}, indent=2, default=str) + "\n")
-    partial.replace(path)
+    files.write_json(out / "models" / f"{spec.name}.train.json",
+                     {"seconds": seconds, "resumed": clock.resumed, **stopped, **record}, default=str)
+    with files.atomic_path(path) as partial:
+        model.save(partial)
     return model, seconds
 
 
@@ -419,8 +417,7 @@ def _deployed(config, spec, model, attacked, cascade, out, x, y, threat, say, mo
               "max_logit_difference": parity["max_logit_difference"]["tflm"],
               "parity_keras_accuracy": parity["accuracy"]["keras"], "parity_clean_accuracy": parity["accuracy"]["tflm"],
               "calibration_indices_sha": _digest(parity["calibration_indices"]), "fingerprint": fingerprint}
-    record_path.parent.mkdir(parents=True, exist_ok=True)
-    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    files.write_json(record_path, record)
     return record
 
 
@@ -522,7 +519,7 @@ def run(config, out_dir, command="", verbose=True, fresh=False):
                 _delete_earlier_work(seeded, folder, say)
             else:
                 _check_earlier_work(seeded, folder)
-        (out / "experiment.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        files.write_json(out / "experiment.json", config.to_dict())
         all_results = []
         for seed in seeds:
             if len(seeds) == 1:
@@ -707,5 +704,5 @@ def write_report(all_results, out):
     commands = sorted({r["command"] for r in all_results if r["command"]})
     if commands:
         text += "\nCommand: " + "; ".join(f"`{c}`" for c in commands) + "\n"
-    (out / "report.md").write_text(text)
+    files.write_atomically(out / "report.md", text)
     return out / "report.md"

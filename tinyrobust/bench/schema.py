@@ -9,12 +9,13 @@ be absent: results written by earlier versions lack it.
 """
 
 import dataclasses
-import json
 import pathlib
 import sys
 import types
 import typing
 from typing import Any, Optional
+
+from tinyrobust import files
 
 __all__ = ["Result", "Model", "ThreatModel", "Deployed", "MultiExit", "EarlyExit", "EarlyStopping", "QualityTarget",
            "WallTime", "check", "json_schema", "SCHEMA_FILE"]
@@ -269,7 +270,7 @@ def json_schema():
 def main():
     """Writes `json_schema()` to `SCHEMA_FILE` (or the path given as the only argument)."""
     path = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else SCHEMA_FILE
-    path.write_text(json.dumps(json_schema(), indent=2) + "\n")
+    files.write_json(path, json_schema())
     print(f"Wrote {path}")
 
 

@@ -24,6 +24,7 @@ import wave
 
 import numpy as np
 
+from tinyrobust import files
 from tinyrobust.data.audio import CLIP_SAMPLES, LABELS, SAMPLE_RATE
 
 # Version 2: 500 train / 100 test clips per class (was 200 / 50), the Caribbean espeak voice, and flite's
@@ -191,18 +192,17 @@ def generate(folder, config=Config(), workers=4):
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     archive = folder / "clips.npz"
-    partial = folder / "clips.partial.npz"
-    np.savez_compressed(
-        partial,
-        waveforms=np.stack(clips),
-        labels=np.array([LABELS.index(p["label"]) for _, p, _ in jobs], np.int32),
-        splits=np.array([s for s, _, _ in jobs]),
-    )
-    os.replace(partial, archive)
+    with files.atomic_path(archive) as partial:
+        np.savez_compressed(
+            partial,
+            waveforms=np.stack(clips),
+            labels=np.array([LABELS.index(p["label"]) for _, p, _ in jobs], np.int32),
+            splits=np.array([s for s, _, _ in jobs]),
+        )
     manifest = {"version": VERSION, "config": dataclasses.asdict(config), "labels": list(LABELS),
                 "sample_rate": SAMPLE_RATE, "sha256": _sha256(archive),
                 "clips": [{"split": s, "seed": seed, **p} for s, p, seed in jobs]}
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    files.write_json(folder / "manifest.json", manifest, indent=1)
     return folder
 
 

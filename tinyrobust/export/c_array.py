@@ -3,6 +3,7 @@
 import pathlib
 import re
 
+from tinyrobust import files
 from tinyrobust.export.compress import is_compressed
 from tinyrobust.export.tflite import TFLiteModel
 
@@ -60,8 +61,6 @@ def to_c_array(tflite_path, out_dir, name="model"):
         f"const unsigned int {name}_len = {len(data)};\n"
     )
     out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    header_path, source_path = out_dir / f"{name}.h", out_dir / f"{name}.cc"
-    header_path.write_text(header)
-    source_path.write_text(source)
+    header_path = files.write_atomically(out_dir / f"{name}.h", header)
+    source_path = files.write_atomically(out_dir / f"{name}.cc", source)
     return header_path, source_path

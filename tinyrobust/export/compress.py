@@ -21,6 +21,7 @@ import tempfile
 import numpy as np
 
 from tinyrobust.export._silence import captured_output
+from tinyrobust.files import write_json
 
 TFLITE_MICRO_VERSION = "0.dev20261023182759"
 DECODE_OPERATOR = "TFLM_DECODE"
@@ -136,9 +137,7 @@ class CompressionReport:
 
     def save(self, path):
         """Writes the report as JSON, atomically; returns the path."""
-        from tinyrobust.export.tflite import _write_atomically
-
-        return _write_atomically(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path):

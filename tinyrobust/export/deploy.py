@@ -1,8 +1,8 @@
 """Export, C array and parity report in one step."""
 
-import json
 import pathlib
 
+from tinyrobust import files
 from tinyrobust.export.c_array import to_c_array
 from tinyrobust.export.compress import CompressionReport
 from tinyrobust.export.parity import verify
@@ -45,5 +45,5 @@ def export_and_verify(model, out_dir, name, representative_data, validation_data
     say(f"  {name}: parity of {', '.join(runtimes)} with Keras", flush=True)
     report = verify(model, path, validation_data, runtimes=runtimes, verbose=verbose)
     parity = {**(record or {}), **report.to_dict(), "compression": compression}
-    (out_dir / f"{name}.parity.json").write_text(json.dumps(parity, indent=2) + "\n")
+    files.write_json(out_dir / f"{name}.parity.json", parity)
     return path, report

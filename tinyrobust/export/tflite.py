@@ -1,9 +1,7 @@
 """Full-integer TFLite conversion and the TFLite Micro / LiteRT runner."""
 
-import os
 import pathlib
 import re
-import tempfile
 
 import keras
 import numpy as np
@@ -11,6 +9,7 @@ import tensorflow as tf
 
 from tinyrobust.export._silence import captured_output
 from tinyrobust.export.fold import fold_model
+from tinyrobust.files import write_atomically
 from tinyrobust.validation import check_choice, check_number
 
 RUNTIMES = ("tflm", "litert")
@@ -145,22 +144,6 @@ def _check_runs_in_tflm(tflite_bytes, name):
         ) from None
 
 
-def _write_atomically(path, data):
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(data)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    return path
-
-
 def uncompressed_path(path):
     """Where `to_tflite(..., compress=True)` writes the int8 model the shipped file is bit-exact with."""
     path = pathlib.Path(path)
@@ -222,13 +205,13 @@ def to_tflite(model, path, representative_data, int8=True, calibration_size=500,
     tflite_bytes = _convert(plain, representative, bool(int8))
     _check_runs_in_tflm(tflite_bytes, model.name)
     if not compress:
-        return _write_atomically(path, tflite_bytes)
+        return write_atomically(path, tflite_bytes)
     from tinyrobust.export.compress import compress_tflite
 
     packed, report = compress_tflite(tflite_bytes, representative)
-    _write_atomically(uncompressed_path(path), tflite_bytes)
+    write_atomically(uncompressed_path(path), tflite_bytes)
     report.save(compression_report_path(path))
-    return _write_atomically(path, packed)
+    return write_atomically(path, packed)
 
 
 class TFLiteModel:

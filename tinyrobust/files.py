@@ -1,0 +1,78 @@
+"""Atomic file writes: a reader sees the old file or the whole new one, never half of one.
+
+Every artifact a run may resume from (checkpoint records, result JSON, saved
+models, exported `.tflite` files) is written through these, so a run killed
+mid-write leaves the previous version, or nothing, in place.
+"""
+
+import contextlib
+import json
+import os
+import pathlib
+import tempfile
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary path beside `path` that replaces `path` when the block ends without error.
+
+    For writers that want a file name rather than bytes (`model.save`,
+    `np.savez`). The temporary name keeps `path`'s suffix, so writers that check
+    or append it (`.keras`, `.npz`) accept it. Missing parent folders are
+    created; on an error the temporary file is removed and `path` is untouched.
+
+    Args:
+        path: the final file.
+
+    Yields:
+        The temporary `pathlib.Path` to write.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(handle)
+    try:
+        yield pathlib.Path(temporary)
+        with open(temporary, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def write_atomically(path, data):
+    """Writes `data` to `path` atomically.
+
+    Args:
+        path: the file to write (parent folders are created).
+        data: `bytes`, or `str` (written as UTF-8).
+
+    Returns:
+        `path` as a `pathlib.Path`.
+    """
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"Expected `data` to be bytes or str. Received: data of type {type(data).__name__}")
+    path = pathlib.Path(path)
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(bytes(data))
+    return path
+
+
+def write_json(path, value, **dumps_options):
+    """Writes `value` as JSON (indent 2 unless told, a final newline) atomically.
+
+    Args:
+        path: the file to write (parent folders are created).
+        value: anything `json.dumps` accepts with `dumps_options`.
+        **dumps_options: passed to `json.dumps` (e.g. `sort_keys=True`, `default=str`).
+
+    Returns:
+        `path` as a `pathlib.Path`.
+    """
+    dumps_options.setdefault("indent", 2)
+    return write_atomically(path, json.dumps(value, **dumps_options) + "\n")
