@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import tensorflow as tf
-from keras import ops
 
 from tinyrobust.attacks import kernels
 from tinyrobust.attacks.base import (
@@ -16,8 +15,6 @@ from tinyrobust.attacks.base import (
     MinimumNormAttack,
     labels_of,
     logits_function,
-    per_example,
-    per_example_norm,
     predict,
 )
 from tinyrobust.validation import check_number
