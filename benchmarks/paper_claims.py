@@ -32,7 +32,8 @@ Claim = claims.Claim
 # "A wide margin": ten points of accuracy; "a fraction of the flash": at most half the int8 file.
 WIDE = 0.10
 FRACTION = 0.5
-# What the robustness costs: the robust model's clean accuracy against the baseline's.
+# What the robustness costs: the robust model's clean accuracy against the baseline's. Clean accuracy is measured
+# on the whole test split ("test_split"); the attacked examples are only its first few hundred.
 CLEAN_COST = "STQ + JR keeps the int8 baseline's clean accuracy (within 2 points)"
 # Each white-box claim is tested at every radius its experiment evaluates, so that none is left out of the README.
 CLAIMS = {
@@ -45,8 +46,8 @@ CLAIMS = {
               "Square, HopSkipJump on TFLite Micro)", "stq_jr", "int8", "deployed_worst", eps="0.1", margin=WIDE),
         Claim("STQ + JR ships in at most half the int8 baseline's flash", "stq_jr", "int8", "flash_bytes",
               max_ratio=FRACTION),
-        Claim("STQ stays within 1.5 points of float clean accuracy", "stq", "float", "clean", margin=-0.015),
-        Claim(CLEAN_COST, "stq_jr", "int8", "clean", margin=-0.02),
+        Claim("STQ stays within 1.5 points of float clean accuracy", "stq", "float", "test_split", margin=-0.015),
+        Claim(CLEAN_COST, "stq_jr", "int8", "test_split", margin=-0.02),
     ],
     "fashion_mnist_ard": [
         *(Claim("The ARD STQ student beats the same student adversarially trained alone", "stq_ard", "stq_fgsm_at",
@@ -71,11 +72,11 @@ CLAIMS = {
               "deployed_worst", eps="0.5", margin=WIDE),
         Claim("STQ + JR ships in at most half the int8 baseline's flash", "stq_jr", "int8", "flash_bytes",
               max_ratio=FRACTION),
-        Claim("STQ stays within 2 points of float clean accuracy", "stq", "float", "clean", margin=-0.02),
-        Claim(CLEAN_COST, "stq_jr", "int8", "clean", margin=-0.02),
+        Claim("STQ stays within 2 points of float clean accuracy", "stq", "float", "test_split", margin=-0.02),
+        Claim(CLEAN_COST, "stq_jr", "int8", "test_split", margin=-0.02),
     ],
 }
-# Quality targets of the recipes: {experiment: [(model, least mean clean accuracy)]}.
+# Quality targets of the recipes: {experiment: [(model, least mean clean accuracy on the whole test split)]}.
 TARGETS = {
     "fashion_mnist_tiny": [("float", 0.91), ("int8", 0.91)],
     "synthetic_kws_dscnn": [("float", 0.90)],
@@ -83,12 +84,23 @@ TARGETS = {
 # Each full profile's time budget on 2 CPU cores (issue #19); other profiles have none.
 BUDGET_HOURS = {"full": 2.5}
 # The robust target of the recipes: the best adversarially trained or distilled STQ model on Fashion-MNIST (by
-# mean worst case at eps 0.1) reaches these means.
+# mean worst case at eps 0.1) reaches these means (clean: the whole test split).
 ROBUST_TARGET = {"experiments": ("fashion_mnist_tiny", "fashion_mnist_ard"), "eps": "0.1", "clean": 0.80,
                  "worst": 0.60}
 NOT_TESTED = ("The same claims on CIFAR-10, SVHN and Speech Commands (`cifar10_resnet8`, `svhn_resnet8`, "
               "`speech_commands_dscnn`, `cifar10_ard_mobilenetv2`, `cifar10_neokd`): not run here (their data "
               "need a download and their full profiles a GPU).")
+
+
+def _percent(value):
+    """"91.2%", or "-" for a value not measured."""
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _mean_test_accuracy(rows):
+    """Mean accuracy on the whole test split over `rows`, or None when one of them does not record it."""
+    values = [(r.get("test_accuracy") or {}).get("accuracy") for r in rows]
+    return None if not values or None in values else sum(values) / len(values)
 
 
 def _best_robust_stq(rows_by_experiment):
@@ -106,12 +118,13 @@ def _best_robust_stq(rows_by_experiment):
             if None in worst:
                 continue
             record = {"experiment": experiment, "model": name, "seeds": len(group), "eps": eps,
-                      "clean": sum(r["clean_accuracy"] for r in group) / len(group),
+                      "clean": _mean_test_accuracy(group),
                       "worst": sum(worst) / len(worst)}
             if best is None or record["worst"] > best["worst"]:
                 best = record
     if best is not None:
-        best["met"] = best["clean"] >= ROBUST_TARGET["clean"] and best["worst"] >= ROBUST_TARGET["worst"]
+        best["met"] = (best["clean"] is not None and best["clean"] >= ROBUST_TARGET["clean"]
+                       and best["worst"] >= ROBUST_TARGET["worst"])
     return best
 
 
@@ -192,10 +205,10 @@ def main(argv=None):
         checked[experiment] = [claims.check(claim, rows) for claim in experiment_claims]
         sentences += [_sentence(record, experiment) for record in checked[experiment]]
         for model, least in TARGETS.get(experiment, []):
-            values = [r["clean_accuracy"] for r in rows if r["model"]["name"] == model]
-            mean = sum(values) / len(values) if values else None
+            group = [r for r in rows if r["model"]["name"] == model]
+            mean = _mean_test_accuracy(group)
             targets.append({"experiment": experiment, "model": model, "at_least": least, "mean": mean,
-                            "seeds": len(values), "met": None if mean is None else mean >= least})
+                            "seeds": len(group), "met": None if mean is None else mean >= least})
     robust = _best_robust_stq(rows_by_experiment)
     times = [{"experiment": experiment, "results": len(rows), "seeds": sorted({r.get("seed") for r in rows}),
               "hours": profile_seconds(rows) / 3600, "budget_hours": BUDGET_HOURS.get(args.profile)}
@@ -210,20 +223,20 @@ def main(argv=None):
     lines = [f"# The papers' claims on the offline runs (profile `{args.profile}`)", ""]
     for experiment, records in checked.items():
         lines += [f"## {experiment}", "", claims.table(records)]
-    lines += ["## In words", "", *sentences, f"- {NOT_TESTED}", "", "## Quality targets (clean accuracy)", "",
+    lines += ["## In words", "", *sentences, f"- {NOT_TESTED}", "", "## Quality targets (clean accuracy on the whole test split)", "",
               "| experiment | model | target | measured (mean) | seeds | met |", "| --- | --- | --- | --- | --- | --- |"]
     for t in targets:
-        measured = "-" if t["mean"] is None else f"{100 * t['mean']:.1f}%"
+        measured = _percent(t["mean"])
         lines.append(f"| {t['experiment']} | {t['model']} | {100 * t['at_least']:.0f}% | {measured} | {t['seeds']} | "
                      f"{'-' if t['met'] is None else 'yes' if t['met'] else 'no'} |")
-    goal = (f"at least {100 * ROBUST_TARGET['clean']:.0f}% clean and {100 * ROBUST_TARGET['worst']:.0f}% worst case "
-            f"at eps {ROBUST_TARGET['eps']}")
+    goal = (f"at least {100 * ROBUST_TARGET['clean']:.0f}% clean (whole test split) and "
+            f"{100 * ROBUST_TARGET['worst']:.0f}% worst case at eps {ROBUST_TARGET['eps']}")
     lines += ["", "## Robust target (the best adversarially trained or distilled STQ model on Fashion-MNIST)", ""]
     if robust is None:
         lines.append(f"Target {goal}: not measured (no robust STQ results).")
     else:
         lines.append(f"Target {goal}: {robust['model']} ({robust['experiment']}, {robust['seeds']} seed"
-                     f"{'s' * (robust['seeds'] > 1)}) reaches {100 * robust['clean']:.1f}% clean and "
+                     f"{'s' * (robust['seeds'] > 1)}) reaches {_percent(robust['clean'])} clean and "
                      f"{100 * robust['worst']:.1f}% worst case: {'met' if robust['met'] else 'not met'}.")
     lines += ["", "## Time on 2 CPU cores", "",
               "Summed from each result's `wall_time_s`: every evaluation, and each model's training and export once "

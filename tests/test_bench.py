@@ -201,8 +201,16 @@ def test_smoke_run_end_to_end_resumes_and_reports(tmp_path, capsys):
     assert stq["deployed"]["model_bytes"] == (out / "export" / "stq.tflite").stat().st_size
     assert stq["deployed"]["model_bytes"] < 0.6 * stq["deployed"]["int8_model_bytes"]
     assert "TFLM_DECODE" in tr.export.operator_names((out / "export" / "stq.tflite").read_bytes())
+    # Clean accuracy on the whole test split (the attacked examples are its first few), from the evaluated model.
+    assert {r["test_accuracy"]["examples"] for r in map(json.loads, map(pathlib.Path.read_text,
+                                                                        (out / "results").iterdir()))} == {10000}
+    x_split, y_split = tr.data.load_arrays("fashion_mnist", "test")
+    folded = tr.export.fold_quantized_weights(keras.saving.load_model(out / "models" / "stq.keras"))
+    expected = np.mean(np.argmax(folded.predict(x_split, verbose=0), -1) == y_split)
+    assert stq["test_accuracy"]["accuracy"] == pytest.approx(expected, abs=2e-4)  # batching may flip a near tie
     report = (out / "report.md").read_text()
-    assert "flash KB" in report and "ideal packed KB" in report
+    assert "flash KB" in report and "ideal packed KB" in report and "| test split | clean |" in report
+    assert "clean accuracy on the whole test split (10,000 examples;" in report
     assert "| stq_jr | stq |" in report and "accuracy_vs_eps_linf_pgd.png" in report
     assert (out / "plots" / "accuracy_vs_size_linf.png").stat().st_size > 1000
 
@@ -216,6 +224,22 @@ def test_smoke_run_end_to_end_resumes_and_reports(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in (out / "models").glob("*.keras")} == trained
     again = json.loads((out / "results" / "stq__linf.json").read_text())
     assert again["clean_accuracy"] == stq["clean_accuracy"] and again["robust_accuracy"] == stq["robust_accuracy"]
+
+    # A result from before `test_accuracy` gains it from the saved model; its attacks are not redone.
+    older = {k: v for k, v in stq.items() if k != "test_accuracy"}
+    (out / "results" / "stq__linf.json").write_text(json.dumps(older))
+    capsys.readouterr()
+    assert cli.main(argv[:-1]) == 0
+    printed = capsys.readouterr().out
+    assert "stq__linf.json gains its accuracy on the whole test split" in printed and "attacks fgsm" not in printed
+    assert json.loads((out / "results" / "stq__linf.json").read_text()) == {**older, "test_accuracy": again["test_accuracy"]}
+    # Without its model file it stays as it was (nothing is retrained for it).
+    (out / "results" / "stq__linf.json").write_text(json.dumps(older))
+    (out / "models" / "stq.keras").rename(tmp_path / "stq.keras")
+    assert cli.main(argv[:-1]) == 0
+    assert json.loads((out / "results" / "stq__linf.json").read_text()) == older
+    assert not (out / "models" / "stq.keras").exists()
+    (tmp_path / "stq.keras").rename(out / "models" / "stq.keras")
 
     # Truncated files are named and redone, never reused or silently dropped.
     result_file = out / "results" / "float__linf.json"

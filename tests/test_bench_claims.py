@@ -39,6 +39,12 @@ def test_a_claim_pairs_seeds_and_holds_only_when_every_seed_agrees():
     assert flash["verdict"] == "holds" and flash["mean"] == pytest.approx(1 / 3)
     missing = claims.check(claims.Claim("no such model", "stq_jr", "float", "clean"), ROWS)
     assert missing["verdict"] == "not measured" and missing["mean"] is None
+    # Clean accuracy on the whole test split: only rows that record it are paired.
+    rows = [{**r, "test_accuracy": {"accuracy": r["clean_accuracy"] - 0.01 * r["seed"], "examples": 10000}}
+            for r in ROWS if r["seed"] < 2] + [r for r in ROWS if r["seed"] >= 2]
+    split = claims.check(claims.Claim("split", "stq_jr", "int8", "test_split", margin=-0.06), rows)
+    assert split["seeds"] == [0, 1] and split["differences"] == pytest.approx([-0.05, -0.07])
+    assert split["verdict"] == "mixed" and claims.measured(split) == "-6.0 ± 1.4 points"
     table = claims.table([record, deployed, flash, missing])
     assert "| JR beats int8 white-box | stq_jr vs int8 | worst eps 0.1 | 28.3% / 14.0% | +14.3 ± 17.8 points | mixed (2 of 3 seeds) |" in table
     assert "0.33x ± 0.00" in table and "| not measured |" in table
@@ -89,6 +95,9 @@ def test_the_paper_claims_script_reads_every_seed_of_the_committed_layout(tmp_pa
     script = _paper_claims_script()
     for experiment in ("synthetic_kws_dscnn_quick", "fashion_mnist_ard_quick"):
         shutil.copytree(ROOT / "benchmarks/results" / experiment, tmp_path / experiment)
+    for path in (tmp_path / "synthetic_kws_dscnn_quick/results").glob("float__*.json"):  # the whole test split
+        path.write_text(json.dumps({**json.loads(path.read_text()), "test_accuracy": {"accuracy": 0.875,
+                                                                                     "examples": 2400}}))
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n## Results\n\n<!-- results:begin -->\nstale text\n<!-- results:end -->\n\n## Next\n")
     script.main(["--profile", "quick", "--results", str(tmp_path), "--readme", str(readme)])
@@ -106,8 +115,10 @@ def test_the_paper_claims_script_reads_every_seed_of_the_committed_layout(tmp_pa
     assert record["robust_target"]["best"]["model"] == best and "stq_kd" in ard
     assert record["robust_target"]["best"]["worst"] == ard[best]["worst_case"]["0.1"]
     assert record["robust_target"]["best"]["met"] is False
+    assert record["robust_target"]["best"]["clean"] is None  # these records do not hold the whole test split
     (kws_float,) = [t for t in record["quality_targets"] if t["experiment"] == "synthetic_kws_dscnn"]
-    assert kws_float["mean"] == rows["float"]["clean_accuracy"] and kws_float["seeds"] == 1
+    assert kws_float["mean"] == 0.875 and kws_float["seeds"] == 1 and kws_float["met"] is False
+    assert "| synthetic_kws_dscnn | float | 90% | 87.5% | 1 | no |" in (tmp_path / "paper_claims_quick.md").read_text()
     assert "## In words" in (tmp_path / "paper_claims_quick.md").read_text()
     # The time: each model's training and export once per seed, every evaluation.
     (kws_time,) = [t for t in record["time"] if t["experiment"] == "synthetic_kws_dscnn"]

@@ -1,7 +1,8 @@
 """Claims tested on result rows: one model against another, paired by seed.
 
 A `Claim` says that one model of an experiment does better than another on
-one metric (clean accuracy, worst-case robust accuracy at an eps, the
+one metric (clean accuracy on the whole test split or on the attacked
+examples, worst-case robust accuracy at an eps, the
 deployed model's worst case, flash bytes of the shipped file, or the
 accuracy of a multi-exit network's weakest exit under the max-average
 multi-exit attack). `check` pairs
@@ -16,14 +17,16 @@ import math
 
 __all__ = ["METRICS", "Claim", "check", "measured", "table"]
 
-METRICS = ("clean", "worst", "deployed_clean", "deployed_worst", "flash_bytes", "weakest_exit")
+METRICS = ("test_split", "clean", "worst", "deployed_clean", "deployed_worst", "flash_bytes", "weakest_exit")
 _NEEDS_EPS = ("worst", "deployed_worst", "weakest_exit")
 
 
 def _value(result, metric, eps):
     """The metric of one result row, or None when the row does not record it."""
     deployed = result.get("deployed") or {}
-    if metric == "clean":
+    if metric == "test_split":  # the whole test split; None in records from before it
+        return (result.get("test_accuracy") or {}).get("accuracy")
+    if metric == "clean":  # the attacked examples
         return result["clean_accuracy"]
     if metric == "worst":
         return result["worst_case"].get(eps)

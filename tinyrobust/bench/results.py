@@ -132,7 +132,8 @@ def _label(result, seeds):
 def table(results):
     """Markdown tables, one per threat model, in the layout of the papers.
 
-    Rows are models; columns are clean accuracy, each attack at each eps, the
+    Rows are models; columns are clean accuracy on the whole test split and
+    on the attacked examples, each attack at each eps, the
     worst case per eps, the deployed (TFLite Micro) model's clean and
     transfer/Square accuracy, and sizes: flash and arena bytes of the shipped
     file, flash bytes of the plain int8 file, and the ideal packed weight
@@ -149,7 +150,7 @@ def table(results):
         attacked = {e for r in rows for e in (_deployed(r).get("worst_case") or {})}  # `deployed_epsilons`
         deployed_epsilons = [e for e in epsilons if e in attacked] or epsilons
         seeds = sorted({r["seed"] for r in rows})
-        header = ["model", "quant.", "clean"] + [f"{a} {e}" for a in attacks for e in epsilons]
+        header = ["model", "quant.", "test split", "clean"] + [f"{a} {e}" for a in attacks for e in epsilons]
         header += [f"worst {e}" for e in epsilons] + ["Keras clean (TFLM set)", "TFLM clean"]
         header += [f"TFLM {a} {e}" for a in deployed for e in deployed_epsilons]
         header += [f"TFLM worst {e}" for e in deployed_epsilons]
@@ -164,7 +165,9 @@ def table(results):
             name = first["model"]["name"]
             if len(seeds) > 1 and len(group) < len(seeds):  # a model run with only some of the seeds
                 name += f" (seed{'s' * (len(group) > 1)} {', '.join(str(r['seed']) for r in group)})"
-            cells = [name, first["model"]["quantization"], _stat(group, lambda r: r["clean_accuracy"])]
+            cells = [name, first["model"]["quantization"],
+                     _stat(group, lambda r: (r.get("test_accuracy") or {}).get("accuracy")),
+                     _stat(group, lambda r: r["clean_accuracy"])]
             cells += [_stat(group, lambda r, a=a, e=e: r["robust_accuracy"].get(a, {}).get(e))
                       for a in attacks for e in epsilons]
             cells += [_stat(group, lambda r, e=e: r["worst_case"].get(e)) for e in epsilons]
@@ -182,6 +185,10 @@ def table(results):
         flagged = [f"- {_label(r, seeds)}: {flag}: {message}" for r in rows for flag, message in r["checks"].items()]
         flagged += [f"- {_label(r, seeds)} (deployed): {flag}: {message}" for r in rows
                     for flag, message in (_deployed(r).get("checks") or {}).items()]
+        split = sorted({r["test_accuracy"]["examples"] for r in rows if r.get("test_accuracy")})
+        lines += ["", f"test split: clean accuracy on the whole test split ({', '.join(f'{n:,}' for n in split) or '-'} "
+                      f"examples; '-' in records from before it); clean and the attack columns: its first "
+                      f"{rows[0]['threat_model']['examples']} examples."]
         examples = sorted({_deployed(r)["examples"] for r in rows if "worst_case" in _deployed(r)})
         if examples:
             lines += ["", f"Keras clean (TFLM set), TFLM clean and the TFLM columns: the first "
