@@ -312,8 +312,9 @@ def test_tfds_experiments_smoke_with_mock_data(tmp_path, name):
     for result in results:
         results_lib.validate(result)
         target = bench.QUALITY_TARGETS.get((result["dataset"], result["model"]["architecture"]))  # none for SVHN
+        assert result["test_accuracy"]["examples"] == 20  # the whole (mock) test split
         assert result["quality_target"] == (None if target is None else {
-            "metric": "clean_accuracy", "target": target, "met": result["clean_accuracy"] >= target})
+            "metric": "test_accuracy", "target": target, "met": result["test_accuracy"]["accuracy"] >= target})
         assert result["deployed"]["model_bytes"] > 0
         assert (result["multi_exit"] is not None) == bool(result["model"]["exits"])
 
@@ -398,8 +399,11 @@ def test_several_seeds_run_apart_and_report_mean_and_spread(tmp_path, capsys):
     assert sorted(p.parent.parent.name for p in (tmp_path / "run").rglob("results/*.json")) == ["seed_0", "seed_1"]
     clean = [r["clean_accuracy"] for r in results]
     mean, spread = 100 * sum(clean) / 2, 100 * abs(clean[0] - clean[1]) / 2 ** 0.5
+    split = [r["test_accuracy"]["accuracy"] for r in results]
+    split_mean, split_spread = 100 * sum(split) / 2, 100 * abs(split[0] - split[1]) / 2 ** 0.5
     report = (tmp_path / "run" / "report.md").read_text()
-    assert "mean ± std over seeds 0, 1" in report and f"| m | stq | {mean:.1f} ± {spread:.1f} |" in report
+    assert "mean ± std over seeds 0, 1" in report
+    assert f"| m | stq | {split_mean:.1f} ± {split_spread:.1f} | {mean:.1f} ± {spread:.1f} |" in report
     # `report` rebuilds the same table from the JSON files of both seeds.
     (tmp_path / "run" / "report.md").unlink()
     assert cli.main(["report", str(tmp_path / "run")]) == 0
