@@ -61,7 +61,7 @@ class ThreatModel:
 
     norm: str = _field("'linf' or 'l2'")
     epsilons: list[float] = _field("the radii, in input units")
-    examples: int = _field("the first N test examples every Keras-model number is measured on")
+    examples: int = _field("the first N test examples that clean_accuracy and every attack column are measured on")
 
 
 @dataclasses.dataclass(frozen=True)
