@@ -302,7 +302,6 @@ class RobustEarlyStopping(RobustAccuracy):
             self.stopped_epoch = epoch
             self.model.stop_training = True
         if self.path is not None:
-            self.path.mkdir(parents=True, exist_ok=True)
             if self.best_epoch == epoch:
                 with files.atomic_path(self.path / "best.weights.npz") as partial:
                     np.savez(partial, **{f"w{i}": w for i, w in enumerate(self._best_weights)})

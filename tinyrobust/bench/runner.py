@@ -634,8 +634,8 @@ def _run_seed(config, out, command, say):
     out.mkdir(parents=True, exist_ok=True)
     dataset_info = data.info(config.dataset)
     examples = max(t.examples for t in config.threat_models.values())
-    x_test, y_test = data.load_arrays(config.dataset, "test", limit=examples)  # the attacked examples
     x_split, y_split = data.load_arrays(config.dataset, "test")  # the whole split, for `test_accuracy`
+    x_test, y_test = x_split[:examples], y_split[:examples]  # the attacked examples
     all_results = []
     for spec in config.models:
         model_settings = _model_settings(config, spec, out)

@@ -190,7 +190,6 @@ def generate(folder, config=Config(), workers=4):
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         clips = list(pool.map(lambda job: _render(job[1], job[2]), jobs))
     folder = pathlib.Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     archive = folder / "clips.npz"
     with files.atomic_path(archive) as partial:
         np.savez_compressed(
