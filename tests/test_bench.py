@@ -193,6 +193,7 @@ def test_smoke_run_end_to_end_resumes_and_reports(tmp_path, capsys):
         assert all(deployed["worst_case"][e] <= deployed["clean_accuracy"] for e in deployed["worst_case"])
         assert set(deployed["eps_in_input_steps"]) == set(deployed["worst_case"])
         assert result["command"].startswith("tinyrobust bench") and result["versions"]["keras"].startswith("3.")
+        assert result["machine"] == runner.machine() and result["machine"]["cores"] >= 1
     stq = json.loads((out / "results" / "stq__linf.json").read_text())
     flt = json.loads((out / "results" / "float__linf.json").read_text())
     assert stq["model"]["packed_bytes"] < flt["model"]["packed_bytes"]
@@ -285,6 +286,25 @@ def test_result_schema_rejects_broken_files():
         results_lib.validate({**good, "threat_model": {**good["threat_model"], "epsilon": 0.1}})
     with pytest.raises(ValueError, match="Expected `deployed` to be an object"):
         results_lib.validate({**good, "deployed": 5})
+    results_lib.validate({**good, "machine": runner.machine()})
+    with pytest.raises(ValueError, match="Expected `machine.cores` of type int"):
+        results_lib.validate({**good, "machine": {**runner.machine(), "cores": "2"}})
+
+
+def test_machine_names_the_host_and_does_without_proc_cpuinfo(monkeypatch):
+    here = runner.machine()
+    assert here["cpu"] and here["cores"] >= 1 and set(here["isa"]) <= set(runner._ISA_FLAGS)
+    real_read = pathlib.Path.read_text
+
+    def no_cpuinfo(self, *args, **kwargs):
+        if str(self) == "/proc/cpuinfo":
+            raise FileNotFoundError(self)
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", no_cpuinfo)
+    elsewhere = runner.machine()
+    assert elsewhere["cpu_id"] is None and elsewhere["isa"] == [] and isinstance(elsewhere["cpu"], str)
+    assert elsewhere["cores"] == here["cores"] and elsewhere["system"] == here["system"]
 
 
 def test_the_committed_json_schema_is_generated_from_the_typed_record():

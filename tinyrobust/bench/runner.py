@@ -40,6 +40,37 @@ def versions():
             "tinyrobust": tinyrobust.__version__, "tflite_micro": export.compress.TFLITE_MICRO_VERSION}
 
 
+_ISA_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")  # what picks CPU kernels
+
+
+def machine():
+    """The host that wrote a result: its CPU, the cores this process may use and the operating system.
+
+    Two hosts can give different last digits for the same settings (their CPU
+    kernels differ) and very different wall times, so every result names its host.
+
+    Returns:
+        `{"cpu", "cpu_id", "isa", "cores", "system"}`; `cpu_id` (family, model,
+        stepping) and `isa` (the vector extensions among `_ISA_FLAGS`) come from
+        `/proc/cpuinfo` and are null / empty where it does not exist.
+    """
+    info = {}
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the first processor's block is enough
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set(info.get("flags", "").split())
+    cpu_id = (f"family {info['cpu family']} model {info['model']} stepping {info.get('stepping', '?')}"
+              if "cpu family" in info and "model" in info else None)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": info.get("model name") or platform.processor() or platform.machine(), "cpu_id": cpu_id,
+            "isa": [f for f in _ISA_FLAGS if f in flags], "cores": int(cores or 1), "system": platform.platform()}
+
+
 def _reusable(path, read=None):
     """The artifact at `path` read by `read` (default: JSON), or None when it is missing or corrupt.
 
@@ -702,7 +733,7 @@ def _run_seed(config, out, command, say):
             result = {
                 "schema_version": results_lib.SCHEMA_VERSION, "experiment": config.name,
                 "profile": config.profile, "dataset": config.dataset, "seed": config.seed,
-                "command": command, "versions": versions(),
+                "command": command, "versions": versions(), "machine": machine(),
                 "model": {"name": spec.name, "architecture": spec.architecture,
                           "quantization": spec.quantization, "options": entry["options"],
                           "jacobian": entry.get("jacobian") or {}, "adversary": entry.get("adversary"),

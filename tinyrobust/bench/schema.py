@@ -18,7 +18,7 @@ from typing import Any, Optional
 from tinyrobust import files
 
 __all__ = ["Result", "Model", "ThreatModel", "Deployed", "MultiExit", "EarlyExit", "EarlyStopping", "QualityTarget",
-           "SplitAccuracy", "WallTime", "check", "json_schema", "SCHEMA_FILE"]
+           "SplitAccuracy", "WallTime", "Machine", "check", "json_schema", "SCHEMA_FILE"]
 
 SCHEMA_FILE = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "result.schema.json"
 _ABSENT = dataclasses.MISSING
@@ -154,6 +154,17 @@ class WallTime:
 
 
 @dataclasses.dataclass(frozen=True)
+class Machine:
+    """The host that wrote the result (`tinyrobust.bench.runner.machine`)."""
+
+    cpu: str = _field("CPU model name")
+    cpu_id: Optional[str] = _field("CPU family, model and stepping, or null where /proc/cpuinfo does not exist")
+    isa: list[str] = _field("the vector extensions that pick TensorFlow's CPU kernels (avx2, avx512f, ...)")
+    cores: int = _field("cores this process could use")
+    system: str = _field("operating system and kernel (`platform.platform()`)")
+
+
+@dataclasses.dataclass(frozen=True)
 class Result:
     """One model under one threat model."""
 
@@ -189,6 +200,9 @@ class Result:
         "fingerprints", None)
     fingerprint: Optional[str] = _field("hash of `settings` without model_settings "
                                         "(`tinyrobust.bench.fingerprints`)", None)
+    machine: Optional[Machine] = _field(
+        "the host that wrote it: wall times and the last digits depend on it (absent in records from before it)",
+        None)
 
 
 def _optional(hint):
