@@ -126,6 +126,12 @@ def test_the_paper_claims_script_reads_every_seed_of_the_committed_layout(tmp_pa
     assert kws_time["hours"] == pytest.approx(seconds / 3600) and kws_time["results"] == len(rows)
     assert kws_time["budget_hours"] is None  # only the full profiles have a budget
     assert {t["experiment"] for t in record["time"]} == {"synthetic_kws_dscnn", "fashion_mnist_ard"}
+    assert kws_time["hosts"] == {"not recorded": len(rows)}  # these records are from before `machine`
+    host = {"cpu": "AMD EPYC", "cpu_id": "family 25 model 1 stepping 1", "isa": ["avx2"], "cores": 2, "system": "L"}
+    named = [{**r, "machine": host} for r in list(rows.values())[:2]] + list(rows.values())[2:]
+    assert script.hosts(named) == {"not recorded": len(rows) - 2,
+                                   "AMD EPYC (family 25 model 1 stepping 1), 2 cores": 2}
+    assert script.hosts([{"machine": {**host, "cpu_id": None}}]) == {"AMD EPYC, 2 cores": 1}
     twice = [{**r, "threat_model": {"norm": "l2"}} for r in rows.values()] + list(rows.values())
     evaluations = sum(r["wall_time_s"]["evaluate"] for r in rows.values())
     assert script.profile_seconds(twice) == pytest.approx(seconds + evaluations)
