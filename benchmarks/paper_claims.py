@@ -264,8 +264,8 @@ def main(argv=None):
     lines += ["", "## Time on 2 CPU cores", "",
               "Summed from each result's `wall_time_s`: every evaluation, and each model's training and export once "
               "per seed (training time added up across interrupted and resumed runs). A run that shared the cores "
-              "with another job counts its slower time, and 2-core hosts differ: the same training step took 2.96x "
-              "as long on one as on another (README, the demo's timing). Hosts: the results each one wrote.", "",
+              "with another job counts its slower time, and 2-core hosts differ in speed (the README's demo timing "
+              "gives a measured per-step ratio). Hosts: the results each one wrote.", "",
               "| experiment | results | seeds | hours | budget | within | hosts |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for t in times:
