@@ -5,9 +5,9 @@ The demo's STQ + JR model (`<run>/models/stq_jr.keras`, from `tinyrobust demo
 L-inf eps 0.05 and 0.1 by
 
 - tinyrobust as the `fashion_mnist_tiny` experiment's demo profile evaluates
-  it: the configured attacks (FGSM, PGD-10, Square-300, HopSkipJump-300) and
-  the `autoattack-fast` suite, worst case per example; and the standard
-  `autoattack` suite alone;
+  it: the profile's configured attacks and its suite (today FGSM, PGD-10 and
+  `autoattack-fast`), worst case per example; and the standard `autoattack`
+  suite alone;
 - an ART cascade (adversarial-robustness-toolbox, AutoAttack's recipe): APGD-CE
   with 5 restarts, APGD-DLR with 5 restarts (100 steps each), Square with
   p_init 0.8 and 1,000 queries, each run only on the examples still robust.
