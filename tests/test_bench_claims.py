@@ -1,7 +1,7 @@
-import importlib.util
 import pathlib
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 from tinyrobust.bench import claims
 
@@ -80,19 +80,11 @@ def test_bad_claims_are_refused(kwargs, message):
         claims.Claim(**{"statement": "s", "better": "a", "baseline": "b", **kwargs})
 
 
-def _paper_claims_script():
-    """`benchmarks/paper_claims.py`, imported as a module."""
-    spec = importlib.util.spec_from_file_location("paper_claims", ROOT / "benchmarks" / "paper_claims.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
 def test_the_paper_claims_script_reads_every_seed_of_the_committed_layout(tmp_path):
     import json
     import shutil
 
-    script = _paper_claims_script()
+    script = load_benchmark("paper_claims")
     for experiment in ("synthetic_kws_dscnn_quick", "fashion_mnist_ard_quick"):
         shutil.copytree(ROOT / "benchmarks/results" / experiment, tmp_path / experiment)
     for path in (tmp_path / "synthetic_kws_dscnn_quick/results").glob("float__*.json"):  # the whole test split
@@ -148,7 +140,7 @@ def test_the_paper_claims_cover_every_radius_of_each_full_profile():
     # No radius left out of the README: each white-box claim is tested at every eps its experiment evaluates.
     from tinyrobust.bench import config
 
-    script = _paper_claims_script()
+    script = load_benchmark("paper_claims")
     for experiment, listed in script.CLAIMS.items():
         epsilons = config.load(ROOT / "experiments" / f"{experiment}.toml", profile="full").threat_models["linf"].epsilons
         radii = {}

@@ -1,11 +1,7 @@
 """`benchmarks/demo_time.py`: its table comparison and argument checks (the timing itself runs `make demo`)."""
 
-import importlib.util
-import pathlib
-
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from benchmark_scripts import load_benchmark
 
 REPORT = """### fashion_mnist_tiny (fashion_mnist, linf, 200 test examples, profile demo, seed 0)
 
@@ -21,10 +17,7 @@ REPORT = """### fashion_mnist_tiny (fashion_mnist, linf, 200 test examples, prof
 
 @pytest.fixture(scope="module")
 def demo_time():
-    spec = importlib.util.spec_from_file_location("demo_time", ROOT / "benchmarks" / "demo_time.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("demo_time")
 
 
 def test_report_table_reads_only_the_first_table(demo_time):
