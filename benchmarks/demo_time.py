@@ -96,7 +96,8 @@ def _git(*args):
 
 
 def _minutes(seconds):
-    return f"{int(seconds // 60)} min {round(seconds % 60):02d} s"
+    seconds = round(seconds)
+    return f"{seconds // 60} min {seconds % 60:02d} s"
 
 
 def main(argv=None):
@@ -104,7 +105,7 @@ def main(argv=None):
     parser.add_argument("--budget-s", type=float, default=600.0, help="the budget for install + demo, in seconds")
     parser.add_argument("--workdir", type=pathlib.Path, default=None,
                         help="an empty or missing folder for the clone (default: a new temporary folder, "
-                             "deleted afterwards)")
+                             "deleted after a successful run)")
     parser.add_argument("--output", default="demo_time", help="file name (without extension) under results/")
     args = parser.parse_args(argv)
     if not args.budget_s > 0:
@@ -121,14 +122,12 @@ def main(argv=None):
     workdir = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="demo_time_"))
     clone = workdir / "tinyrobust"
     log = workdir / "demo_time.log"
-    try:
-        clone.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
-        seconds = {step: _run(step, command, clone, log) for step, command in STEPS.items()}
-        table = report_table((clone / DEMO_REPORT).read_text())
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    clone.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
+    seconds = {step: _run(step, command, clone, log) for step, command in STEPS.items()}  # a failure keeps workdir
+    table = report_table((clone / DEMO_REPORT).read_text())
+    if args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
     total = sum(seconds.values())
     differences = table_differences(table, report_table(COMMITTED_REPORT.read_text()))
     command = f"python benchmarks/demo_time.py --budget-s {args.budget_s:g} --output {args.output}"

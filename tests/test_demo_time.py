@@ -47,3 +47,8 @@ def test_bad_arguments_name_the_argument_and_value(demo_time, tmp_path, capsys):
     with pytest.raises(SystemExit):
         demo_time.main(["--workdir", str(tmp_path)])
     assert f"Received: --workdir={tmp_path}" in capsys.readouterr().err
+
+
+def test_minutes_round_to_whole_seconds(demo_time):
+    assert demo_time._minutes(526.4) == "8 min 46 s"
+    assert demo_time._minutes(599.6) == "10 min 00 s"
