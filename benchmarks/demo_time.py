@@ -59,8 +59,8 @@ def table_differences(measured, committed):
         measured, committed: tables from `report_table`.
 
     Returns:
-        A list of `{"model", "column", "measured", "committed"}`, empty when the tables agree; a single
-        `{"column": "<header>"}` entry when their headers or models differ.
+        A list of `{"model", "column", "measured", "committed"}`, empty when the tables agree; a single entry
+        with column "<header>" when their headers or row counts differ, or "<model>" when a row's model does.
     """
     if not measured or not committed or measured[0] != committed[0] or len(measured) != len(committed):
         return [{"model": None, "column": "<header>", "measured": measured[:1], "committed": committed[:1]}]

@@ -37,6 +37,9 @@ def test_table_differences_name_each_changed_cell(demo_time):
     fewer_rows = demo_time.report_table(REPORT.replace("| float | float | 86.5 | 0.0 |\n", ""))
     assert demo_time.table_differences(fewer_rows, committed)[0]["column"] == "<header>"
     assert demo_time.table_differences([], committed)[0]["column"] == "<header>"
+    renamed = demo_time.report_table(REPORT.replace("| stq_jr |", "| stq_ard |"))
+    assert demo_time.table_differences(renamed, committed) == [
+        {"model": "stq_ard", "column": "<model>", "measured": "stq_ard", "committed": "stq_jr"}]
 
 
 def test_bad_arguments_name_the_argument_and_value(demo_time, tmp_path, capsys):
