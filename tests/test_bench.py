@@ -291,6 +291,24 @@ def test_result_schema_rejects_broken_files():
         results_lib.validate({**good, "machine": {**runner.machine(), "cores": "2"}})
 
 
+def test_report_lists_flags_by_name_so_a_rebuilt_report_matches_the_run(tmp_path):
+    result = {
+        "schema_version": 1, "experiment": "e", "profile": None, "dataset": "d", "seed": 0, "command": "",
+        "versions": {},
+        "model": {"name": "m", "architecture": "a", "quantization": "q", "params": 1, "int8_bytes": 1,
+                  "packed_bytes": 1},
+        "threat_model": {"norm": "linf", "epsilons": [0.1], "examples": 1}, "clean_accuracy": 0.5,
+        "robust_accuracy": {"pgd": {"0.1": 0.2}}, "worst_case": {"0.1": 0.2}, "queries": {}, "attack_kinds": {},
+        "checks": {"zeta_flag": "z", "alpha_flag": "a"},  # the order the evaluation raised them in
+        "wall_time_s": {"train": 1.0, "evaluate": 2.0, "export": None}, "deployed": None, "quality_target": None,
+    }
+    in_run = results_lib.table([result])
+    results_lib.write(result, tmp_path / "m.json")
+    rebuilt = results_lib.table(results_lib.read_all(tmp_path))
+    assert in_run == rebuilt
+    assert in_run.index("alpha_flag: a") < in_run.index("zeta_flag: z")
+
+
 def test_machine_names_the_host_and_does_without_proc_cpuinfo(monkeypatch):
     here = runner.machine()
     assert here["cpu"] and here["cores"] >= 1 and set(here["isa"]) <= set(runner._ISA_FLAGS)

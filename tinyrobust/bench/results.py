@@ -60,7 +60,7 @@ def write(result, path):
 
 
 def read_all(folder):
-    """Every valid result file under `folder` (searched recursively), sorted by model then norm."""
+    """Every valid result file under `folder` (searched recursively), in path order (seed folder, model, norm)."""
     results = []
     for path in sorted(pathlib.Path(folder).rglob("*.json")):
         try:
@@ -182,9 +182,11 @@ def table(results):
                       "-" if not d else f"{d.get('int8_model_bytes', d['model_bytes']) / 1024:.1f}",
                       f"{first['model']['packed_bytes'] / 1024:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
-        flagged = [f"- {_label(r, seeds)}: {flag}: {message}" for r in rows for flag, message in r["checks"].items()]
+        # Flags by name: a report rebuilt from the JSON files (written with sorted keys) matches the run's own.
+        flagged = [f"- {_label(r, seeds)}: {flag}: {message}" for r in rows
+                   for flag, message in sorted(r["checks"].items())]
         flagged += [f"- {_label(r, seeds)} (deployed): {flag}: {message}" for r in rows
-                    for flag, message in (_deployed(r).get("checks") or {}).items()]
+                    for flag, message in sorted((_deployed(r).get("checks") or {}).items())]
         split = sorted({r["test_accuracy"]["examples"] for r in rows if r.get("test_accuracy")})
         lines += ["", f"test split: clean accuracy on the whole test split ({', '.join(f'{n:,}' for n in split) or '-'} "
                       f"examples; '-' in records from before it); clean and the attack columns: its first "
@@ -309,6 +311,7 @@ def plots(results, folder):
             written.append(path)
         figure, axis = plt.subplots(figsize=(5.5, 3.8))
         markers = dict(zip(epsilons, itertools.cycle("x^svDP*")))  # a marker per radius; the colour is the model
+        model_handles = []  # in the legend, not as labels by the points: models of one size would overlap
         for i, group in enumerate(groups):
             if not _deployed(group[0]):  # not exported: no shipped file to measure
                 continue
@@ -319,8 +322,9 @@ def plots(results, folder):
                 worst = _mean(r["worst_case"].get(e) for r in group)
                 if worst is not None:
                     axis.scatter([size], [worst], marker=marker, color=f"C{i}")
-            axis.annotate(group[0]["model"]["name"], (size, clean), fontsize="small")
-        axis.legend(handles=[plt.Line2D([], [], color="k", marker="o", linestyle="", label="clean")]
+            model_handles.append(plt.Rectangle((0, 0), 1, 1, color=f"C{i}", label=group[0]["model"]["name"]))
+        axis.legend(handles=model_handles
+                    + [plt.Line2D([], [], color="k", marker="o", linestyle="", label="clean")]
                     + [plt.Line2D([], [], color="k", marker=m, linestyle="", label=f"worst, eps {e}")
                        for e, m in markers.items()], fontsize="x-small")
         axis.set(xlabel="flash bytes of the shipped .tflite (KB)", ylabel="accuracy (mean over seeds)",
