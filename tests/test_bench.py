@@ -260,8 +260,9 @@ def test_smoke_run_end_to_end_resumes_and_reports(tmp_path, capsys):
     assert "| stq | linf | clean |" in capsys.readouterr().out
 
 
-def test_result_schema_rejects_broken_files():
-    good = {
+def _minimal_result(**fields):
+    """The smallest result record the schema accepts, with `fields` replaced."""
+    return {
         "schema_version": 1, "experiment": "e", "profile": None, "dataset": "d", "seed": 0, "command": "",
         "versions": {},
         "model": {"name": "m", "architecture": "a", "quantization": "q", "params": 1, "int8_bytes": 1,
@@ -269,8 +270,12 @@ def test_result_schema_rejects_broken_files():
         "threat_model": {"norm": "linf", "epsilons": [0.1], "examples": 1}, "clean_accuracy": 0.5,
         "robust_accuracy": {"pgd": {"0.1": 0.2}}, "worst_case": {"0.1": 0.2}, "queries": {}, "attack_kinds": {},
         "checks": {}, "wall_time_s": {"train": 1.0, "evaluate": 2.0, "export": None}, "deployed": None,
-        "quality_target": None,
+        "quality_target": None, **fields,
     }
+
+
+def test_result_schema_rejects_broken_files():
+    good = _minimal_result()
     results_lib.validate(good)
     with pytest.raises(ValueError, match="clean_accuracy"):
         results_lib.validate({**good, "clean_accuracy": 1.5})
@@ -292,16 +297,7 @@ def test_result_schema_rejects_broken_files():
 
 
 def test_report_lists_flags_by_name_so_a_rebuilt_report_matches_the_run(tmp_path):
-    result = {
-        "schema_version": 1, "experiment": "e", "profile": None, "dataset": "d", "seed": 0, "command": "",
-        "versions": {},
-        "model": {"name": "m", "architecture": "a", "quantization": "q", "params": 1, "int8_bytes": 1,
-                  "packed_bytes": 1},
-        "threat_model": {"norm": "linf", "epsilons": [0.1], "examples": 1}, "clean_accuracy": 0.5,
-        "robust_accuracy": {"pgd": {"0.1": 0.2}}, "worst_case": {"0.1": 0.2}, "queries": {}, "attack_kinds": {},
-        "checks": {"zeta_flag": "z", "alpha_flag": "a"},  # the order the evaluation raised them in
-        "wall_time_s": {"train": 1.0, "evaluate": 2.0, "export": None}, "deployed": None, "quality_target": None,
-    }
+    result = _minimal_result(checks={"zeta_flag": "z", "alpha_flag": "a"})  # the order the evaluation raised them in
     in_run = results_lib.table([result])
     results_lib.write(result, tmp_path / "m.json")
     rebuilt = results_lib.table(results_lib.read_all(tmp_path))
