@@ -1,3 +1,4 @@
+import itertools
 import json
 import os
 import subprocess
@@ -295,3 +296,147 @@ def test_no_private_keras_api_in_the_package():
             if name.endswith(".py"):
                 text = open(os.path.join(folder, name)).read()
                 assert not [p for p in private if p in text], name
+
+
+def test_n_fgsm_steps_from_its_noise_and_leaves_the_ball():
+    """N-FGSM: noise uniform in [-2 eps, 2 eps] (kept in the input range), one step of eps, no projection."""
+    from tinyrobust.attacks import kernels
+
+    x, y = _data(32)
+    net = tr.models.small_cnn(width=4)
+    loss_fn = lambda z: kernels.cross_entropy(net(z, training=False), y)  # noqa: E731
+    adversary = tr.AdversarialTraining("n_fgsm", epsilon=0.05)
+    assert adversary.step_size_for(0.05) == 0.05 and adversary.noise == 2.0
+    seed = keras.random.SeedGenerator(3)
+    noise = np.asarray(adversary.initial_perturbation(tf.constant(x), seed))
+    assert np.abs(noise).max() <= 0.1 + 1e-7 and np.abs(noise).max() > 0.09  # the 2 eps ball, filled
+    x_adv = np.asarray(adversary.perturb(loss_fn, tf.constant(x), None, start=tf.constant(noise)))
+    start = np.clip(x + noise, 0, 1)
+    inside = (x_adv > 0) & (x_adv < 1)
+    np.testing.assert_allclose(np.abs(x_adv - start)[inside], 0.05, atol=1e-6)  # one step of eps from the noise
+    delta = x_adv - x
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert np.abs(delta).max() <= 0.15 + 1e-6
+    assert np.mean(np.abs(delta) > 0.05 + 1e-6) > 0.2  # the step is not projected back onto the eps ball
+
+
+def test_grad_align_term_matches_a_hand_computation():
+    """lambda * (1 - cos) of the input gradients at x and at x + eta, here eta at its fixed point 0.5 eps."""
+    import modes
+    from tinyrobust.attacks import kernels
+
+    x, y = _dense_data(16)
+    net = modes._network(0)
+    adversary = tr.AdversarialTraining("grad_align", epsilon=0.1, input_range=(-4.0, 4.0), random_start=False,
+                                       align_weight=0.5)
+    loss_fn = lambda z: kernels.cross_entropy(net(z, training=False), y)  # noqa: E731
+
+    def gradient(z):
+        z = tf.constant(z)
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            loss = tf.reduce_sum(loss_fn(z))
+        return tape.gradient(loss, z).numpy()
+
+    g1, g2 = gradient(x), gradient(x + 0.05)
+    cos = np.sum(g1 * g2, 1) / (np.linalg.norm(g1, axis=1) * np.linalg.norm(g2, axis=1))
+    with tf.GradientTape() as tape:
+        term = adversary.alignment_penalty(loss_fn, tf.constant(x), None)
+    assert float(term) == pytest.approx(np.mean(1 - cos), rel=1e-5)
+    weights = tape.gradient(term, net.trainable_weights)
+    assert max(float(tf.reduce_max(tf.abs(w))) for w in weights) > 0  # double backpropagation reaches the weights
+    # The example: FGSM from the clean input with step eps.
+    x_adv = np.asarray(adversary.perturb(loss_fn, tf.constant(x), None))
+    np.testing.assert_allclose(x_adv - x, 0.1 * np.sign(g1), atol=1e-6)
+
+
+def test_grad_align_training_logs_its_term_and_adds_it_to_the_loss():
+    x, y = _data(32)
+    model = _robust_stq(adversary=tr.AdversarialTraining("grad_align", epsilon=0.05, align_weight=1.0))
+    model.compile(optimizer="adam", loss=LOSS)
+    logs = model.fit(x, y, batch_size=16, epochs=1, verbose=0).history
+    assert {"loss", "ce", "grad_align", "adv_accuracy"} <= set(logs)
+    assert 0 <= logs["grad_align"][-1] <= 2
+    assert logs["loss"][-1] == pytest.approx(logs["ce"][-1] + logs["grad_align"][-1], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(method="pgd", noise=2.0), "`noise` is a setting of method 'n_fgsm'. Received: noise=2.0"),
+        (dict(method="n_fgsm", align_weight=0.2), "Received: align_weight=0.2"),
+        (dict(method="n_fgsm", noise=-1), "Received: noise=-1"),
+        (dict(method="grad_align", align_weight="big"), "Received: align_weight='big'"),
+    ],
+)
+def test_bad_one_step_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tr.AdversarialTraining(**kwargs)
+
+
+@pytest.mark.parametrize("method", ["n_fgsm", "grad_align"])
+def test_one_step_methods_round_trip_their_settings(method, tmp_path):
+    extra = {"noise": 1.5} if method == "n_fgsm" else {"align_weight": 0.3}
+    model = _robust_stq(adversary=tr.AdversarialTraining(method, epsilon=0.05, **extra))
+    model.compile(optimizer="adam", loss=LOSS)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.adversary.get_config() == model.adversary.get_config()
+    assert loaded.adversary.get_config()[next(iter(extra))] == next(iter(extra.values()))
+
+
+def test_one_step_rslad_starts_uniformly_in_the_ball():
+    """RSLAD asks for its small Gaussian start, made for its 10-step PGD; a one-step adversary starts uniformly
+    in the ball instead, so its examples are not all on the corners +-eps (they were: 100% of coordinates)."""
+    x, y = _data(32)
+    student, teacher = tr.models.small_cnn(width=4, name="student"), tr.models.small_cnn(width=4, name="teacher")
+    results = {}
+    for method in ("rslad", "ard"):
+        model = distill.RobustDistiller(student, teacher, method=method,
+                                        adversary=tr.AdversarialTraining("fgsm_rs", epsilon=0.1, seed=0))
+        x_adv = np.asarray(model.adversarial_examples(x, y))
+        delta = np.abs(x_adv - x)[(x_adv > 0) & (x_adv < 1)]
+        results[method] = np.mean(np.isclose(delta, 0.1, atol=1e-6))
+    assert results["rslad"] < 0.9 and results["ard"] < 0.9
+    assert results["rslad"] == pytest.approx(results["ard"], abs=0.05)
+
+
+def test_batch_fraction_jacobian_is_an_unbiased_estimate_of_the_whole_batch():
+    import modes
+
+    x, y = _dense_data(16)
+    net = modes._network(0)
+    terms = {}
+    for fraction in (1.0, 0.25):
+        model = tr.RobustModel.wrap(net, jacobian=tr.JacobianRegularizer(
+            layers={"input": 1.0, "hidden": 1.0}, num_projections=None, batch_fraction=fraction, seed=0))
+        draws = [model.forward_with_jacobian(tf.constant(x))[1] for _ in range(1 if fraction == 1 else 400)]
+        terms[fraction] = {k: np.mean([float(d[k]) for d in draws]) for k in draws[0]}
+        if fraction < 1:  # each draw is the exact mean term of 4 of the 16 examples
+            single = tr.RobustModel.wrap(net, jacobian=tr.JacobianRegularizer(layers={"input": 1.0},
+                                                                             num_projections=None))
+            per_example = [float(single.forward_with_jacobian(tf.constant(x[i:i + 1]))[1]["input"]) for i in range(16)]
+            subset_means = [np.mean(c) for c in itertools.combinations(per_example, 4)]
+            for draw in draws[:3]:
+                assert np.min(np.abs(np.array(subset_means) - float(draw["input"]))) < 1e-4 * float(draw["input"])
+    for key in terms[1.0]:
+        assert terms[0.25][key] == pytest.approx(terms[1.0][key], rel=0.06), key
+
+
+def test_bad_batch_fraction():
+    for value in (0, 1.5, "half"):
+        with pytest.raises(ValueError, match=f"Received: batch_fraction={value!r}"):
+            tr.JacobianRegularizer(batch_fraction=value)
+
+
+def test_batch_fraction_jacobian_trains_and_round_trips(tmp_path):
+    x, y = _data(32)
+    jacobian = tr.JacobianRegularizer(layers={"input": 0.01, "relu_2": 0.01}, batch_fraction=0.25)
+    model = _robust_stq(jacobian=jacobian, adversary=tr.AdversarialTraining("n_fgsm", epsilon=0.05))
+    model.compile(optimizer="adam", loss=LOSS)
+    logs = model.fit(x, y, batch_size=16, epochs=1, verbose=0).history
+    assert {"jacobian/input", "jacobian/relu_2"} <= set(logs) and np.isfinite(logs["loss"][-1])
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    assert keras.saving.load_model(path).jacobian.batch_fraction == 0.25

@@ -107,13 +107,20 @@ class JacobianRegularizer:
         weight: weight of the input term when `layers` is None (default 0.01).
         num_projections: random projections per example, or None for exact.
         layers: None (input only), or a dict `{"input" or layer name: weight}`.
-        seed: seed of the random projections.
+        seed: seed of the random projections (and of the batch subset).
+        batch_fraction: the share of each batch the terms are estimated on,
+            in (0, 1]; default 1 (the whole batch). Below 1 the terms are the
+            mean over a uniformly drawn subset of `ceil(batch_fraction * batch)`
+            examples: an unbiased estimate of the batch mean at about that
+            share of the Jacobian's cost (the terms then need one extra
+            training-mode forward pass on the subset, which also updates batch
+            normalisation's moving statistics once more).
 
     Raises:
-        ValueError: negative or non-numeric weights, bad `num_projections`.
+        ValueError: negative or non-numeric weights, bad `num_projections` or `batch_fraction`.
     """
 
-    def __init__(self, weight=None, num_projections=1, layers=None, seed=None):
+    def __init__(self, weight=None, num_projections=1, layers=None, seed=None, batch_fraction=1.0):
         if layers is not None and weight is not None:
             raise ValueError(
                 "Give either `weight` (input term only) or `layers` (one weight per term), not both. "
@@ -133,6 +140,7 @@ class JacobianRegularizer:
         self.layers = {name: float(value) for name, value in layers.items()}
         self.num_projections = _check_projections(num_projections)
         self.seed = seed
+        self.batch_fraction = float(check_number("batch_fraction", batch_fraction, low=0, high=1, low_open=True))
 
     @property
     def hidden_layers(self):
@@ -140,11 +148,13 @@ class JacobianRegularizer:
         return [name for name in self.layers if name != INPUT]
 
     def get_config(self):
-        return {"layers": dict(self.layers), "num_projections": self.num_projections, "seed": self.seed}
+        return {"layers": dict(self.layers), "num_projections": self.num_projections, "seed": self.seed,
+                "batch_fraction": self.batch_fraction}
 
     @classmethod
     def from_config(cls, config):
         return cls(**config)
 
     def __repr__(self):
-        return f"JacobianRegularizer(layers={self.layers}, num_projections={self.num_projections})"
+        fraction = "" if self.batch_fraction == 1 else f", batch_fraction={self.batch_fraction:g}"
+        return f"JacobianRegularizer(layers={self.layers}, num_projections={self.num_projections}{fraction})"

@@ -24,7 +24,8 @@ from tinyrobust.validation import check_choice, check_number
 
 __all__ = ["AdversarialTraining", "CrossEntropy", "Objective", "RobustModel", "Step"]
 
-METHODS = ("pgd", "trades", "fgsm_rs")
+METHODS = ("pgd", "trades", "fgsm_rs", "n_fgsm", "grad_align")
+ONE_STEP = ("fgsm_rs", "n_fgsm", "grad_align")
 
 
 @keras.saving.register_keras_serializable(package="tinyrobust")
@@ -37,32 +38,64 @@ class AdversarialTraining:
       clean and adversarial predictions, the adversary maximising that KL.
     - "fgsm_rs": FGSM from a uniform random start with step `1.25 * eps`
       ("fast is better than free", Wong et al.).
+    - "n_fgsm": N-FGSM (de Jorge et al., NeurIPS 2022, "Make some noise"):
+      noise uniform in the ball of radius `noise * eps` (kept in the input
+      range), one signed-gradient step of `step_size` from there, and no
+      projection back onto the eps ball (only onto the input range), so the
+      training perturbation reaches up to `(noise + 1) * eps`. Defaults are the
+      paper's and its released code's: `noise=2` (U[-2 eps, 2 eps]) and
+      `step_size = eps`.
+    - "grad_align": FGSM + GradAlign (Andriushchenko and Flammarion, NeurIPS
+      2020): FGSM from the clean input with step `step_size` (default eps, the
+      released code's 1.25 eps clipped to the ball), plus the regulariser
+      `align_weight * (1 - cos(grad_x loss(x), grad_x loss(x + eta)))`,
+      `eta` uniform in the eps ball, averaged over the examples whose two
+      gradients are nonzero; as in the released code the first gradient is a
+      constant and the second is differentiated through (double
+      backpropagation). `align_weight` defaults to 0.2, the paper's value for
+      CIFAR-10 at eps 8/255; its code scales it log-linearly with eps on
+      CIFAR-10 (0.02 * 10^(255 eps / 8)), a rule for that data set only, so
+      choose it on validation data for another. Deviation: both gradients are
+      taken with the model in inference mode (as every tinyrobust adversary
+      attacks), where the released code keeps batch norm in training mode; and
+      the paper starts FGSM at the clean input, so `random_start` does not
+      apply to the example (it fixes eta, see below).
 
-    Distillation and NEO-KD use "pgd" or "fgsm_rs" on their own attacked loss.
+    Distillation and NEO-KD use "pgd" or a one-step method on their own
+    attacked loss; one-step methods start from their own start (uniform in
+    the ball, N-FGSM's noise, GradAlign's clean input) whatever start the
+    objective asks for (TRADES' and RSLAD's small Gaussian is for multi-step
+    attacks: from there one FGSM step lands every coordinate on +-eps).
 
     Args:
-        method: one of "pgd", "trades", "fgsm_rs".
+        method: one of "pgd", "trades", "fgsm_rs", "n_fgsm", "grad_align".
         epsilon: radius of the threat model (in input units).
-        steps: attack steps (PGD, TRADES); FGSM-RS always takes one.
-        step_size: step size; default `2.5 * epsilon / steps` (1.25 eps for FGSM-RS).
-        norm: "linf" or "l2".
+        steps: attack steps (PGD, TRADES); the one-step methods always take one.
+        step_size: step size; default `2.5 * epsilon / steps` (1.25 eps for
+            FGSM-RS, eps for N-FGSM and GradAlign).
+        norm: "linf" or "l2" (N-FGSM and GradAlign are defined for L-inf in
+            their papers; with "l2" they use the L2 ball and step).
         beta: TRADES' weight of the robustness term.
         input_range: valid (low, high) of the inputs.
         seed: seed of the random starts.
-        random_start: start from a random point (uniform in the ball, or
-            TRADES' and RSLAD's small Gaussian); False starts at the clean
-            input, which makes the examples deterministic (e.g. to compare
+        random_start: start from a random point (uniform in the ball, N-FGSM's
+            noise, or TRADES' and RSLAD's small Gaussian); False starts at the
+            clean input, which makes the examples deterministic (e.g. to compare
             runs across devices). TRADES and RSLAD then start at the clean
             input plus 0.001 in every coordinate: TRADES' KL has no gradient
             at the clean input, so a step from there would follow rounding
-            noise and differ from host to host.
+            noise and differ from host to host. For GradAlign, False puts eta
+            at the fixed point `0.5 * eps` in every coordinate (L2: a constant
+            vector of norm `0.5 * eps`).
+        noise: N-FGSM's noise radius as a multiple of `epsilon` (default 2).
+        align_weight: GradAlign's weight lambda (default 0.2).
 
     Attributes:
         threat: the `ThreatModel` (norm, epsilon, input range) it perturbs within.
     """
 
     def __init__(self, method="pgd", epsilon=8 / 255, steps=10, step_size=None, norm="linf", beta=6.0,
-                 input_range=(0.0, 1.0), seed=None, random_start=True):
+                 input_range=(0.0, 1.0), seed=None, random_start=True, noise=None, align_weight=None):
         self.method = check_choice("method", method, METHODS)
         if not isinstance(random_start, bool):
             raise ValueError(f"Expected `random_start` to be True or False. Received: random_start={random_start!r}")
@@ -72,6 +105,12 @@ class AdversarialTraining:
         self.seed = seed
         self.step_size = None if step_size is None else float(check_number("step_size", step_size, low=0, low_open=True))
         self.beta = float(check_number("beta", beta, low=0))
+        for name, value, owner in (("noise", noise, "n_fgsm"), ("align_weight", align_weight, "grad_align")):
+            if value is not None and method != owner:
+                raise ValueError(f"`{name}` is a setting of method {owner!r}. Received: {name}={value!r}, "
+                                 f"method={method!r}")
+        self.noise = 2.0 if noise is None else float(check_number("noise", noise, low=0))
+        self.align_weight = 0.2 if align_weight is None else float(check_number("align_weight", align_weight, low=0))
 
     @property
     def epsilon(self):
@@ -85,12 +124,19 @@ class AdversarialTraining:
     def input_range(self):
         return self.threat.input_range
 
+    @property
+    def one_step(self):
+        """True for the methods that take one gradient step (FGSM-RS, N-FGSM, GradAlign)."""
+        return self.method in ONE_STEP
+
     def step_size_for(self, epsilon):
         """The step size used at radius `epsilon` (a tensor when scheduled)."""
         if self.step_size is not None:
             return self.step_size
         if self.method == "fgsm_rs":
             return 1.25 * epsilon
+        if self.method in ("n_fgsm", "grad_align"):
+            return epsilon
         return 2.5 * epsilon / self.steps
 
     def perturb(self, loss_fn, x, seed, epsilon=None, start="uniform"):
@@ -102,30 +148,89 @@ class AdversarialTraining:
             seed: `keras.random.SeedGenerator` of the random start.
             epsilon: radius (a tensor when scheduled); default `self.epsilon`.
             start: "uniform" (uniform in the ball), "small" (N(0, 0.001^2),
-                as TRADES and RSLAD start), or a given initial perturbation.
+                as TRADES and RSLAD start; one-step methods take their own
+                start instead), or a given initial perturbation.
 
         Returns:
             Adversarial inputs, without gradient.
         """
         eps = ops.cast(self.epsilon if epsilon is None else epsilon, x.dtype)
-        steps = 1 if self.method == "fgsm_rs" else self.steps
         delta = start if not isinstance(start, str) else self.initial_perturbation(x, seed, eps, start)
+        if self.method == "n_fgsm":
+            x_start = kernels.clip_to_range(ops.stop_gradient(x) + delta, self.input_range)
+            gradient = kernels.input_gradient(loss_fn, x_start)
+            step = self.step_size_for(eps) * kernels.normalized_step(gradient, self.norm)
+            return ops.stop_gradient(kernels.clip_to_range(x_start + step, self.input_range))
+        steps = 1 if self.one_step else self.steps
         return self.threat.pgd(loss_fn, x, self.step_size_for(eps), steps, start=delta, epsilon=eps)
 
     def initial_perturbation(self, x, seed, epsilon=None, start="uniform"):
-        """Where the attack starts, as a perturbation of `x`: uniform in the ball ("uniform"), N(0, 0.001^2)
-        ("small", as TRADES and RSLAD start); when `random_start` is False, zero, or 0.001 everywhere for "small"
-        (a fixed point beside the clean input, where TRADES' KL has a gradient)."""
+        """Where the attack starts, as a perturbation of `x`.
+
+        PGD: uniform in the ball ("uniform") or N(0, 0.001^2) ("small", as TRADES and RSLAD start); FGSM-RS:
+        uniform; N-FGSM: uniform in the ball of radius `noise * epsilon`; GradAlign: zero. When `random_start`
+        is False: zero, or 0.001 everywhere for "small" with a multi-step method (a fixed point beside the clean
+        input, where TRADES' KL has a gradient).
+        """
+        eps = self.epsilon if epsilon is None else epsilon
+        if self.method == "grad_align" or (self.one_step and not self.random_start):
+            return ops.zeros_like(x)
+        if self.one_step:
+            start = "uniform"
         if not self.random_start:
             return ops.full_like(x, 0.001) if start == "small" else ops.zeros_like(x)
         if start == "small":
             return 0.001 * keras.random.normal(ops.shape(x), dtype=x.dtype, seed=seed)
-        return self.threat.random_start(x, seed, epsilon=epsilon)
+        if self.method == "n_fgsm":
+            return self.threat.random_start(x, seed, epsilon=self.noise * eps)
+        return self.threat.random_start(x, seed, epsilon=eps)
+
+    def alignment_penalty(self, loss_fn, x, seed, epsilon=None, sample_weight=None):
+        """GradAlign's regulariser (unweighted by `align_weight`), differentiable in the model's weights.
+
+        Args:
+            loss_fn: the per-example loss the adversary attacks (e.g. the cross-entropy of the model).
+            x: clean inputs.
+            seed: `keras.random.SeedGenerator` of eta.
+            epsilon: radius (a tensor when scheduled); default `self.epsilon`.
+            sample_weight: per-example weights or None.
+
+        Returns:
+            The scalar `mean(1 - cos(grad_x loss(x), grad_x loss(x + eta)))` over the examples whose two
+            gradients are nonzero (weighted by `sample_weight`), the first gradient held constant.
+        """
+        eps = ops.cast(self.epsilon if epsilon is None else epsilon, x.dtype)
+        x = ops.stop_gradient(x)
+        first = ops.stop_gradient(kernels.input_gradient(loss_fn, x))
+        if self.random_start:
+            eta = self.threat.random_start(x, seed, epsilon=eps)
+        elif self.norm == "linf":
+            eta = 0.5 * eps * ops.ones_like(x)
+        else:
+            size = ops.cast(ops.prod(ops.shape(x)[1:]), x.dtype)
+            eta = 0.5 * eps / ops.sqrt(size) * ops.ones_like(x)
+        with tf.GradientTape() as tape:
+            shifted = x + eta
+            tape.watch(shifted)
+            loss = ops.sum(loss_fn(shifted))
+        second = tape.gradient(loss, shifted, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        flat1 = ops.reshape(first, (ops.shape(x)[0], -1))
+        flat2 = ops.reshape(second, (ops.shape(x)[0], -1))
+        norm1, norm2 = ops.norm(flat1, axis=-1), ops.norm(flat2, axis=-1)
+        nonzero = ops.cast(ops.logical_and(norm1 > 0, norm2 > 0), x.dtype)
+        cos = ops.sum(flat1 * flat2, axis=-1) / (ops.maximum(norm1, 1e-12) * ops.maximum(norm2, 1e-12))
+        weight = nonzero if sample_weight is None else nonzero * ops.reshape(ops.cast(sample_weight, x.dtype), (-1,))
+        return ops.sum(weight * (1.0 - cos)) / ops.maximum(ops.sum(nonzero), 1.0)
 
     def get_config(self):
-        return {"method": self.method, "epsilon": self.epsilon, "steps": self.steps, "step_size": self.step_size,
-                "norm": self.norm, "beta": self.beta, "input_range": list(self.input_range), "seed": self.seed,
-                "random_start": self.random_start}
+        config = {"method": self.method, "epsilon": self.epsilon, "steps": self.steps, "step_size": self.step_size,
+                  "norm": self.norm, "beta": self.beta, "input_range": list(self.input_range), "seed": self.seed,
+                  "random_start": self.random_start}
+        if self.method == "n_fgsm":
+            config["noise"] = self.noise
+        if self.method == "grad_align":
+            config["align_weight"] = self.align_weight
+        return config
 
     @classmethod
     def from_config(cls, config):
@@ -139,8 +244,9 @@ def input_adversary(adversary):
     """The adversary of a training mode that attacks one loss (distillation, NEO-KD).
 
     Args:
-        adversary: an `AdversarialTraining` with method "pgd" or "fgsm_rs", its
-            config, or None for PGD-10 at 8/255 on [0, 1] inputs.
+        adversary: an `AdversarialTraining` with method "pgd" or a one-step
+            method ("fgsm_rs", "n_fgsm", "grad_align"), its config, or None for
+            PGD-10 at 8/255 on [0, 1] inputs.
 
     Returns:
         An `AdversarialTraining`.
@@ -148,8 +254,9 @@ def input_adversary(adversary):
     adversary = AdversarialTraining("pgd", epsilon=8 / 255, steps=10) if adversary is None else adversary
     if isinstance(adversary, dict):
         adversary = AdversarialTraining.from_config(adversary)
-    if not isinstance(adversary, AdversarialTraining) or adversary.method not in ("pgd", "fgsm_rs"):
-        raise ValueError(f"Expected an AdversarialTraining with method 'pgd' or 'fgsm_rs'. Received: adversary={adversary!r}")
+    if not isinstance(adversary, AdversarialTraining) or adversary.method == "trades":
+        raise ValueError("Expected an AdversarialTraining with method 'pgd', 'fgsm_rs', 'n_fgsm' or 'grad_align'. "
+                         f"Received: adversary={adversary!r}")
     return adversary
 
 
@@ -320,7 +427,8 @@ class RobustModel(keras.Model):
 
     Logged in training: `loss` (total), the objective's terms (`ce`,
     `robust_kl`, `distill`, `natural_kl`, `nkd`, `eokd`), `jacobian` and one
-    `jacobian/<layer>` per regularised tensor, `adv_accuracy` on the training
+    `jacobian/<layer>` per regularised tensor, GradAlign's unweighted
+    `grad_align` term (of the loss the objective's last attack call attacked), `adv_accuracy` on the training
     adversarial examples, and the compiled metrics on the clean inputs when the
     step has a clean pass (TRADES, distillation, NEO-KD, plain training) or
     `clean_metrics=True` (one extra inference pass for PGD-AT and FGSM-RS).
@@ -426,6 +534,8 @@ class RobustModel(keras.Model):
         trackers = {n: keras.metrics.Mean(name=n) for n in names}
         for name in self.objective.accuracy_logs(self):
             trackers[name] = keras.metrics.SparseCategoricalAccuracy(name=name)
+        if self.adversary is not None and self.adversary.method == "grad_align":
+            trackers["grad_align"] = keras.metrics.Mean(name="grad_align")
         if self.adversary is not None:
             trackers["adv_accuracy"] = keras.metrics.SparseCategoricalAccuracy(name="adv_accuracy")
         return trackers
@@ -475,15 +585,25 @@ class RobustModel(keras.Model):
         """
         if self.jacobian is None:
             return self(x, training=True), {}
+        fraction = self.jacobian.batch_fraction
+        subset, sub_weight = x, sample_weight
+        if fraction < 1:  # the terms on a uniform subset of the batch, the logits on all of it
+            batch = ops.shape(x)[0]
+            size = ops.maximum(1, ops.cast(ops.ceil(fraction * ops.cast(batch, "float32")), "int32"))
+            chosen = keras.random.shuffle(ops.arange(batch), seed=self.random_stream("projection"))[:size]
+            subset = ops.take(x, chosen, axis=0)
+            sub_weight = None if sample_weight is None else ops.take(ops.reshape(sample_weight, (-1,)), chosen, axis=0)
         projections = self.jacobian.num_projections
         with tf.GradientTape(persistent=projections is None or projections > 1) as tape:
-            tape.watch(x)
-            outputs = self._aux.features(x, training=True)
+            tape.watch(subset)
+            outputs = self._aux.features(subset, training=True)
             logits, *hidden = outputs if isinstance(outputs, (list, tuple)) else [outputs]
         names = list(self.jacobian.layers)
-        sources = [x if n == INPUT else hidden[self.jacobian.hidden_layers.index(n)] for n in names]
+        sources = [subset if n == INPUT else hidden[self.jacobian.hidden_layers.index(n)] for n in names]
         norms = jacobian_norms(tape, logits, sources, projections, seed=self.random_stream("projection"),
-                               sample_weight=sample_weight)
+                               sample_weight=sub_weight)
+        if fraction < 1:
+            logits = self(x, training=True)
         return logits, dict(zip(names, norms))
 
     def jacobian_penalty(self, terms):
@@ -497,12 +617,14 @@ class RobustModel(keras.Model):
         labels, context = self.objective.targets(self, x, y)
         return self._adversarial_examples(x, labels, context)
 
-    def _adversarial_examples(self, x, labels, context):
+    def _adversarial_examples(self, x, labels, context, attacked=None):
         if not self.adversarial:
             return None
         epsilon, seed = self.attack_epsilon(), self.random_stream("attack")
 
         def perturb(loss_fn, start="uniform"):
+            if attacked is not None:  # GradAlign's term aligns the gradients of the loss the adversary attacked
+                attacked["loss_fn"] = loss_fn
             return self.adversary.perturb(loss_fn, x, seed, epsilon=epsilon, start=start)
 
         return self.objective.adversarial_examples(self, x, labels, context, perturb)
@@ -511,7 +633,8 @@ class RobustModel(keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x, sample_weight = ops.convert_to_tensor(x), _per_example(sample_weight)
         labels, context = self.objective.targets(self, x, y)
-        x_adv = self._adversarial_examples(x, labels, context)
+        attacked = {}
+        x_adv = self._adversarial_examples(x, labels, context, attacked)
         use_clean, use_adv = self.objective.passes(self, x_adv is not None)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         step = Step(x, labels, context, sample_weight, x_adv)
@@ -528,6 +651,10 @@ class RobustModel(keras.Model):
                 loss = loss + jacobian
             for part in parts[1:]:
                 loss = loss + part
+            if x_adv is not None and self.adversary.method == "grad_align":
+                logs = {**logs, "grad_align": self.adversary.alignment_penalty(
+                    attacked["loss_fn"], x, self.random_stream("attack"), self.attack_epsilon(), sample_weight)}
+                loss = loss + self.adversary.align_weight * logs["grad_align"]
             # Each replica's mean over its share of the batch, divided by the replica count: the summed
             # gradients are those of the global-batch mean.
             scaled = loss if replicas == 1 else loss / replicas
