@@ -311,3 +311,46 @@ def test_seed_each_epoch_sets_every_random_state_from_the_seed_and_the_epoch():
     assert len({int(s[0]) for s in start}) == len(start)  # one stream per generator
     with pytest.raises(ValueError, match="Received: seed=-1"):
         callbacks.SeedEachEpoch(-1)
+
+
+def test_robust_early_stopping_keeps_only_epochs_after_the_noise_faded():
+    """Epoch 2 (1-based) is the best, but the noise fades over epochs 2-3: the kept weights are the best of the
+    epochs trained without noise (3 and 4), so every arm ships the annealed model it was selected as."""
+    model = _model()
+    x, y = _data()
+    guard = _Scripted([0.3, 0.7, 0.5, 0.6], collapse=None, keep_from_epoch=2)
+    snapshots = _Snapshots()
+    model.fit(x, y, epochs=4, batch_size=16, verbose=0, callbacks=[
+        callbacks.QuantizationNoiseScheduler(2, start_epoch=1), guard, snapshots])
+    assert guard.record() == {"robust_accuracy": [0.3, 0.7, 0.5, 0.6], "best_epoch": 4, "stopped_epoch": None,
+                              "keep_from_epoch": 3}
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.get_layer("conv_1").kernel),
+                                  snapshots.epochs[3]["conv_1/kernel"])
+
+
+def test_robust_early_stopping_collapse_before_the_fade_keeps_the_best_checked_epoch():
+    model = _model()
+    x, y = _data()
+    guard = _Scripted([0.6, 0.3, 0.9], collapse=0.2, keep_from_epoch=2)
+    model.fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[guard])
+    assert guard.record() == {"robust_accuracy": [0.6, 0.3], "best_epoch": 1, "stopped_epoch": 2,
+                              "keep_from_epoch": 3}
+
+
+def test_robust_accuracy_of_the_weakest_exit():
+    from tinyrobust import multiexit
+
+    keras.utils.set_random_seed(0)
+    network = multiexit.attach_exits(tr.models.small_cnn(width=4), ["relu_1"])
+    x, y = _data(8)
+    identity = lambda model, x, y: x  # noqa: E731  (no attack: the clean accuracies)
+    outputs = network(x, training=False)
+    per_exit = [float(np.mean(np.argmax(keras.ops.convert_to_numpy(z), -1) == y)) for z in outputs]
+    checker = callbacks.RobustAccuracy(x, y, attack=identity, exit="weakest")
+    checker.set_model(network)
+    assert checker.evaluate() == min(per_exit)
+    final = callbacks.RobustAccuracy(x, y, attack=identity)
+    final.set_model(network)
+    assert final.evaluate() == per_exit[-1]
+    with pytest.raises(ValueError, match="Received: exit='all'"):
+        callbacks.RobustAccuracy(x, y, exit="all")

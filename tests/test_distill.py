@@ -127,3 +127,25 @@ def test_student_must_differ_from_teacher():
     teacher = _teacher()
     with pytest.raises(ValueError, match="student is teacher"):
         distill.RobustDistiller(teacher, teacher, method="kd")
+
+
+@pytest.mark.parametrize("method, training", [("ard", True), ("rslad", False)])
+def test_each_method_attacks_the_student_in_the_mode_of_its_released_code(method, training):
+    """ARD's code attacks with the student in training mode (batch statistics, moving statistics updated);
+    RSLAD's calls `model.eval()` first. The other mode is an option."""
+    student, teacher = tr.models.small_cnn(width=4, name="student"), _teacher()
+    x, y = _data()
+    moved = {}
+    for attack_training in (None, not training):
+        model = distill.RobustDistiller(student, teacher, method=method, attack_training=attack_training,
+                                        adversary=tr.AdversarialTraining("pgd", epsilon=0.05, steps=2))
+        assert model.objective.attack_training == (training if attack_training is None else attack_training)
+        before = keras.ops.convert_to_numpy(student.get_layer("bn_1").moving_mean).copy()
+        model.adversarial_examples(x, y)
+        moved[attack_training] = not np.array_equal(before, keras.ops.convert_to_numpy(
+            student.get_layer("bn_1").moving_mean))
+    assert moved == {None: training, (not training): not training}
+    config = distill.Distillation(method=method, attack_training=not training).get_config()
+    assert distill.Distillation.from_config(config).attack_training == (not training)
+    with pytest.raises(ValueError, match="Received: attack_training='yes'"):
+        distill.Distillation(method=method, attack_training="yes")

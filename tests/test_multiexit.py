@@ -25,20 +25,38 @@ def _hand_neokd(alpha, beta):
     clean = [_softmax(z[0]) for z in CLEAN]
     adv = [_softmax(z[0]) for z in ADV]
     neighbours = [(clean[0] + clean[1]) / 2, (clean[0] + clean[1] + clean[2]) / 3, (clean[1] + clean[2]) / 2]
-    total = ce = nkd = eokd = 0.0
+    total = clean_ce = ce = nkd = eokd = 0.0
     for i in range(3):
         kept = clean[i] * np.maximum(KEEP[i], np.eye(4)[0])
         kept /= kept.sum()
-        terms = (-np.log(adv[i][0]), _kl(neighbours[i], adv[i]), _kl(kept, adv[i]))
-        ce, nkd, eokd = ce + terms[0] / 3, nkd + terms[1] / 3, eokd + terms[2] / 3
-        total += (terms[0] + alpha * terms[1] + beta * terms[2]) / 3
-    return total, ce, nkd, eokd
+        terms = (-np.log(clean[i][0]), -np.log(adv[i][0]), _kl(neighbours[i], adv[i]), _kl(kept, adv[i]))
+        clean_ce, ce = clean_ce + terms[0] / 3, ce + terms[1] / 3
+        nkd, eokd = nkd + terms[2] / 3, eokd + terms[3] / 3
+        total += (terms[0] + terms[1] + alpha * terms[2] + beta * terms[3]) / 3
+    return total, clean_ce, ce, nkd, eokd
 
 
 @pytest.mark.parametrize("alpha, beta", [(3.0, 1.0), (0.0, 0.0), (1.0, 2.5)])
 def test_neokd_loss_matches_hand_computed_value(alpha, beta):
+    """Term by term: the clean and adversarial cross-entropies of every exit (Hu et al.'s multi-exit adversarial
+    training, the alpha = beta = 0 baseline), plus NEO-KD's neighbour and exit-wise orthogonal KD."""
     got = multiexit.neokd_loss(CLEAN, ADV, LABEL, KEEP, alpha, beta)
     np.testing.assert_allclose([float(v) for v in got], _hand_neokd(alpha, beta), rtol=1e-6)
+
+
+def test_neokd_clean_cross_entropy_trains_the_exits_but_distillation_targets_do_not():
+    import tensorflow as tf
+
+    clean = [tf.Variable(z.astype("float32")) for z in CLEAN]
+    adv = [z.astype("float32") for z in ADV]
+    with tf.GradientTape() as tape:
+        _, clean_ce, *_ = multiexit.neokd_loss(clean, adv, LABEL, KEEP, 3.0, 1.0)
+    with tf.GradientTape() as distilled:
+        loss, clean_ce_again, *_ = multiexit.neokd_loss(clean, adv, LABEL, KEEP, 3.0, 1.0)
+        targets_only = loss - clean_ce_again
+    assert all(float(tf.reduce_max(tf.abs(g))) > 0 for g in tape.gradient(clean_ce, clean))
+    for gradient in distilled.gradient(targets_only, clean, unconnected_gradients="zero"):
+        np.testing.assert_allclose(gradient, 0.0, atol=1e-7)
 
 
 def test_orthogonal_classes_partition_the_classes():
@@ -118,7 +136,27 @@ def test_neokd_takes_column_labels_like_flat_ones():  # keras.datasets gives lab
     (lambda n: multiexit.MultiExitPGD(0.1, target="sum"), "Received: target='sum'"),
     (lambda n: multiexit.attach_exits(tr.models.small_cnn(width=4), ["nope"]), "Received: exit_layers=\\['nope'\\]"),
     (lambda n: multiexit.early_exit(n, np.zeros((1, 28, 28, 1)), threshold=0), "Received: threshold=0"),
+    (lambda n: multiexit.attach_exits(tr.models.small_cnn(width=4), ["relu_2", "relu_1"]),
+     "in the backbone's order.*Received: exit_layers=\\['relu_2', 'relu_1'\\]"),
+    (lambda n: multiexit.attach_exits(tr.models.small_cnn(width=4), ["relu_1", "relu_1"]), "Expected distinct"),
+    (lambda n: multiexit.attach_exits(tr.models.small_cnn(width=4), ["relu_1"], head="mlp"), "Received: head='mlp'"),
 ])
 def test_bad_arguments(network, build, message):
     with pytest.raises(ValueError, match=message):
         build(network)
+
+
+def test_convolutional_exit_heads_train_and_cost_more_than_a_linear_probe():
+    keras.utils.set_random_seed(0)
+    backbone = tr.models.small_cnn(quantization="stq", width=4)
+    probe = multiexit.attach_exits(backbone, ["relu_1", "relu_2"])
+    conv = multiexit.attach_exits(backbone, ["relu_1", "relu_2"], head="conv")
+    names = {layer.name for layer in conv.layers}
+    assert {"exit_1_conv", "exit_1_bn", "exit_1_relu", "exit_2_conv", "exit_1_pool", "exit_1"} <= names
+    assert conv.get_layer("exit_2_conv").kernel.shape == (3, 3, 8, 8)  # as many filters as the features' channels
+    assert multiexit.exit_macs(conv)[0] > multiexit.exit_macs(probe)[0]
+    x, y = tr.data.load_arrays("fashion_mnist", "test", limit=16)
+    model = multiexit.NEOKD(conv, adversary=tr.AdversarialTraining("n_fgsm", epsilon=0.05), seed=0)
+    model.compile(optimizer="adam")
+    logs = model.fit(x, y, batch_size=8, epochs=1, verbose=0).history
+    assert {"clean_ce", "ce", "nkd", "eokd"} <= set(logs) and all(np.isfinite(v[-1]) for v in logs.values())

@@ -14,7 +14,7 @@ import numpy as np
 from keras import ops
 
 from tinyrobust import attacks, export, files, multiexit, quantizers, seeding
-from tinyrobust.validation import check_number
+from tinyrobust.validation import check_choice, check_number
 
 __all__ = ["CosineLearningRate", "JacobianWeightScheduler", "EpsilonScheduler", "QuantizationNoiseScheduler",
            "RobustAccuracy", "RobustEarlyStopping", "TFLiteExport", "StopOnNonFiniteLoss", "SeedEachEpoch"]
@@ -169,10 +169,15 @@ class RobustAccuracy(keras.callbacks.Callback):
         every: evaluate every `every` epochs (and always on the last epoch).
         batch_size: examples per attack batch.
         name: log key.
+        exit: for a multi-exit model, "final" (the accuracy of its last
+            output) or "weakest" (the lowest accuracy over its exits on the
+            attack's examples, e.g. with `multiexit.MultiExitPGD`).
     """
 
-    def __init__(self, x, y, attack=None, epsilon=8 / 255, every=1, batch_size=256, name="robust_accuracy"):
+    def __init__(self, x, y, attack=None, epsilon=8 / 255, every=1, batch_size=256, name="robust_accuracy",
+                 exit="final"):
         super().__init__()
+        self.exit = check_choice("exit", exit, ("final", "weakest"))
         self.x, self.y = np.asarray(x), np.asarray(y)
         if len(self.x) == 0 or len(self.x) != len(self.y):
             raise ValueError(f"Expected non-empty `x` and `y` of equal length. Received: len(x)={len(self.x)}, len(y)={len(self.y)}")
@@ -183,15 +188,19 @@ class RobustAccuracy(keras.callbacks.Callback):
         self._last = None
 
     def evaluate(self):
-        """Accuracy of the current model under the attack (of its last output, for a multi-exit model)."""
-        model = multiexit.final_exit(self.model) if getattr(self.model, "outputs", None) else self.model
+        """Accuracy of the current model under the attack: of its last output, or with `exit="weakest"` the
+        lowest over the exits of a multi-exit model (attacked as a whole)."""
+        multi = len(getattr(self.model, "outputs", None) or []) > 1
+        weakest = multi and self.exit == "weakest"
+        model = self.model if weakest or not getattr(self.model, "outputs", None) else multiexit.final_exit(self.model)
         correct = 0
         for i in range(0, len(self.x), self.batch_size):
             x, y = self.x[i: i + self.batch_size], self.y[i: i + self.batch_size]
             x_adv = self.attack(model, x, y)
-            predictions = np.argmax(ops.convert_to_numpy(model(x_adv, training=False)), axis=-1)
-            correct += int(np.sum(predictions == y))
-        return correct / len(self.x)
+            outputs = model(x_adv, training=False)
+            outputs = outputs if weakest else [outputs]
+            correct = correct + np.array([np.sum(np.argmax(ops.convert_to_numpy(z), -1) == y) for z in outputs])
+        return float(np.min(correct)) / len(self.x)
 
     def on_epoch_end(self, epoch, logs=None):
         last = self.params.get("epochs") is not None and epoch + 1 == self.params["epochs"]
@@ -243,16 +252,24 @@ class RobustEarlyStopping(RobustAccuracy):
             to keep them in memory only.
         batch_size: examples per attack batch.
         name: log key.
+        exit: "final" or "weakest" (see `RobustAccuracy`).
+        keep_from_epoch: the first 0-based epoch whose weights may be kept
+            (e.g. the first epoch trained with the quantization noise fully
+            annealed, so the kept model is the one the comparison means);
+            earlier epochs are checked and count for the collapse rule, but
+            are kept only if training stops before any later one.
 
     Attributes:
         history: held-out robust accuracy per finished epoch.
-        best_epoch: 0-based epoch of the best accuracy (the first of ties).
+        best_epoch: 0-based epoch of the best accuracy among the epochs that
+            may be kept (the first of ties).
         stopped_epoch: 0-based epoch after which training stopped, or None.
     """
 
     def __init__(self, x, y, epsilon=8 / 255, attack=None, collapse=0.2, restore_best_weights=True, path=None,
-                 batch_size=256, name="robust_accuracy"):
-        super().__init__(x, y, attack=attack, epsilon=epsilon, batch_size=batch_size, name=name)
+                 batch_size=256, name="robust_accuracy", exit="final", keep_from_epoch=0):
+        super().__init__(x, y, attack=attack, epsilon=epsilon, batch_size=batch_size, name=name, exit=exit)
+        self.keep_from_epoch = check_number("keep_from_epoch", keep_from_epoch, low=0, integer=True)
         if collapse is not None:
             check_number("collapse", collapse, low=0, low_open=True, high=1)
         if not isinstance(restore_best_weights, bool):
@@ -266,9 +283,12 @@ class RobustEarlyStopping(RobustAccuracy):
     def record(self):
         """The outcome as a JSON-ready dict: `robust_accuracy` per epoch, `best_epoch` and `stopped_epoch`
         (1-based, None when training ran every epoch)."""
-        return {"robust_accuracy": list(self.history),
-                "best_epoch": None if self.best_epoch is None else self.best_epoch + 1,
-                "stopped_epoch": None if self.stopped_epoch is None else self.stopped_epoch + 1}
+        record = {"robust_accuracy": list(self.history),
+                  "best_epoch": None if self.best_epoch is None else self.best_epoch + 1,
+                  "stopped_epoch": None if self.stopped_epoch is None else self.stopped_epoch + 1}
+        if self.keep_from_epoch:  # absent when every epoch may be kept, as records before the option had it
+            record["keep_from_epoch"] = self.keep_from_epoch + 1
+        return record
 
     def _learned(self):
         scheduled = _scheduled_variables(self.model)
@@ -295,10 +315,11 @@ class RobustEarlyStopping(RobustAccuracy):
         self.history.append(value)
         if logs is not None:
             logs[self.name] = value
-        self.best_epoch = int(np.argmax(self.history))
+        first = self.keep_from_epoch if epoch >= self.keep_from_epoch else 0
+        self.best_epoch = first + int(np.argmax(self.history[first:]))
         if self.best_epoch == epoch:
             self._best_weights = [ops.convert_to_numpy(v) for v in self._learned()]
-        if self.collapse is not None and value < self.history[self.best_epoch] - self.collapse:
+        if self.collapse is not None and value < max(self.history) - self.collapse:
             self.stopped_epoch = epoch
             self.model.stop_training = True
         if self.path is not None:

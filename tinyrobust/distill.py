@@ -92,16 +92,33 @@ class Distillation(Objective):
     the student's clean `accuracy`. ARD with `alpha=1` and no Jacobian terms
     needs no clean student pass, so costs what its PGD-AT step costs.
 
+    Which mode the student is attacked in follows each method's released
+    code by default: ARD's attack runs the student in training mode (batch
+    normalisation on the batch's statistics, its moving statistics updated by
+    every attack step, as `net.train()` does in ARD's code; a tinyrobust STQ
+    student also draws its quantization noise there), RSLAD's in inference
+    mode (its code calls `model.eval()` before the attack). Deviation kept
+    from ARD's code: its `nn.KLDivLoss()` averages over classes as well as
+    examples, so its distillation term is this one divided by the number of
+    classes (a constant factor, which Adam and `alpha=1` make moot).
+
     Args:
         teacher: the frozen teacher (logits out), or None when every batch
             brings its logits (a model loaded from `.keras` has none).
         method: "kd", "ard" or "rslad".
         temperature: softmax temperature (default per method).
         alpha: weight of the distillation term (default per method).
+        attack_training: attack the student in training mode (True) or
+            inference mode (False); None: the method's released code (True for
+            ARD, False for RSLAD; KD has no attack).
     """
 
-    def __init__(self, teacher=None, method="ard", temperature=None, alpha=None):
+    def __init__(self, teacher=None, method="ard", temperature=None, alpha=None, attack_training=None):
         self.method = check_choice("method", method, METHODS)
+        if attack_training is not None and not isinstance(attack_training, bool):
+            raise ValueError("Expected `attack_training` to be True, False or None. "
+                             f"Received: attack_training={attack_training!r}")
+        self.attack_training = self.method == "ard" if attack_training is None else attack_training
         default_temperature, default_alpha = DEFAULTS[self.method]
         self.temperature = float(check_number("temperature", default_temperature if temperature is None else temperature,
                                               low=0, low_open=True))
@@ -136,10 +153,11 @@ class Distillation(Objective):
         return y, ops.stop_gradient(ops.convert_to_tensor(cached))
 
     def adversarial_examples(self, model, x, labels, teacher_logits, perturb):
+        training = self.attack_training
         if self.method == "rslad":
-            return perturb(lambda z: soft_kl(teacher_logits, model(z, training=False), self.temperature),
+            return perturb(lambda z: soft_kl(teacher_logits, model(z, training=training), self.temperature),
                            start="small")
-        return super().adversarial_examples(model, x, labels, teacher_logits, perturb)
+        return perturb(lambda z: kernels.cross_entropy(model(z, training=training), labels))
 
     def _clean_pass(self, model, adversarial):
         return self.method == "kd" or not adversarial or self.alpha < 1 or model.jacobian is not None
@@ -164,7 +182,8 @@ class Distillation(Objective):
         return [loss], logs
 
     def get_config(self):  # the teacher is not saved: a loaded model distils from cached logits or a new teacher
-        return {"method": self.method, "temperature": self.temperature, "alpha": self.alpha}
+        return {"method": self.method, "temperature": self.temperature, "alpha": self.alpha,
+                "attack_training": self.attack_training}
 
 
 @keras.saving.register_keras_serializable(package="tinyrobust")
@@ -188,15 +207,17 @@ class RobustDistiller(RobustModel):
         temperature: softmax temperature; default 4 (KD), 30 (ARD), 1 (RSLAD).
         alpha: weight of the distillation term; default 0.9 (KD), 1.0 (ARD),
             5/6 (RSLAD).
-        adversary: `AdversarialTraining` (method "pgd", or "fgsm_rs" for the
-            single-step variant) or its config; default PGD-10 at 8/255 on
-            [0, 1] inputs. Must be None for KD.
+        adversary: `AdversarialTraining` (method "pgd", or a one-step method:
+            "fgsm_rs", "n_fgsm", "grad_align") or its config; default PGD-10 at
+            8/255 on [0, 1] inputs. Must be None for KD.
+        attack_training: see `Distillation` (default: ARD attacks the student
+            in training mode, RSLAD in inference mode, as their code does).
         name: model name.
         clean_metrics: see `RobustModel`.
     """
 
     def __init__(self, student, teacher, method="ard", temperature=None, alpha=None, adversary=None, name=None,
-                 clean_metrics=False, **kwargs):
+                 clean_metrics=False, attack_training=None, **kwargs):
         method = check_choice("method", method, METHODS)
         if method != "kd":  # KD with an adversary is refused by `Distillation.check`
             adversary = input_adversary(adversary)
@@ -206,7 +227,7 @@ class RobustDistiller(RobustModel):
         if student is teacher:
             raise ValueError("The student and the teacher must be different models. Received: student is teacher")
         teacher.trainable = False
-        objective = Distillation(teacher, method, temperature, alpha)
+        objective = Distillation(teacher, method, temperature, alpha, attack_training)
         jacobian = student.jacobian if isinstance(student, RobustModel) else None
         super().__init__(models.inputs_of(student), student.outputs, jacobian=jacobian, adversary=adversary,
                          objective=objective, clean_metrics=clean_metrics, name=name or f"distill_{method}", **kwargs)

@@ -22,14 +22,26 @@ __all__ = ["EarlyExitResult", "MultiExitPGD", "NEOKD", "attach_exits", "early_ex
            "final_exit", "multi_exit_attack", "neokd_loss", "orthogonal_classes"]
 
 
-def attach_exits(backbone, exit_layers, name=None):
-    """Adds an early exit (global average pooling, then a dense layer) after each named layer.
+HEADS = ("dense", "conv")
+
+
+def attach_exits(backbone, exit_layers, name=None, head="dense"):
+    """Adds an early exit after each named layer.
 
     Args:
         backbone: a functional model with one logits output.
         exit_layers: names of the layers whose outputs feed an exit, from the
-            input towards the output.
+            input towards the output (in the backbone's layer order).
         name: model name; default `<backbone>_multiexit`.
+        head: the exit classifier: "dense" (global average pooling, then a
+            dense layer: a linear probe of the features) or "conv" (a 3x3
+            convolution with as many filters as the features have channels,
+            batch normalisation and ReLU, then global average pooling and a
+            dense layer: a one-block version of MSDNet's convolutional
+            classifiers, which NEO-KD trains; MSDNet stacks two such blocks,
+            stride 2, before its pooling). On a flat (dense) feature a "conv"
+            head is the dense one. The heads are float layers, quantized by
+            the int8 export like the rest.
 
     Returns:
         A functional model sharing the backbone's layers, with outputs
@@ -37,18 +49,28 @@ def attach_exits(backbone, exit_layers, name=None):
     """
     if not getattr(backbone, "outputs", None) or len(backbone.outputs) != 1:
         raise ValueError(f"Expected a functional backbone with one logits output. Received: backbone={backbone.name!r}")
-    if not exit_layers:
-        raise ValueError(f"Expected at least one exit layer. Received: exit_layers={exit_layers!r}")
+    head = check_choice("head", head, HEADS)
+    if not exit_layers or isinstance(exit_layers, str):
+        raise ValueError(f"Expected a non-empty list of exit layer names. Received: exit_layers={exit_layers!r}")
     names = [layer.name for layer in backbone.layers]
     unknown = [n for n in exit_layers if n not in names]
     if unknown:
         raise ValueError(f"Unknown exit layers {unknown}; the backbone's layers are {names}. "
                          f"Received: exit_layers={list(exit_layers)!r}")
+    order = [names.index(n) for n in exit_layers]
+    if order != sorted(set(order)):
+        raise ValueError("Expected distinct exit layers in the backbone's order, from the input towards the output "
+                         f"(its layers: {names}). Received: exit_layers={list(exit_layers)!r}")
     classes = backbone.outputs[0].shape[-1]
     outputs = []
     for i, layer_name in enumerate(exit_layers, start=1):
         features = backbone.get_layer(layer_name).output
         if len(features.shape) > 2:
+            if head == "conv":
+                features = keras.layers.Conv2D(features.shape[-1], 3, padding="same", use_bias=False,
+                                               name=f"exit_{i}_conv")(features)
+                features = keras.layers.BatchNormalization(name=f"exit_{i}_bn")(features)
+                features = keras.layers.ReLU(name=f"exit_{i}_relu")(features)
             features = keras.layers.GlobalAveragePooling2D(name=f"exit_{i}_pool")(features)
         outputs.append(keras.layers.Dense(classes, name=f"exit_{i}")(features))
     return keras.Model(models.inputs_of(backbone), [*outputs, backbone.outputs[0]], name=name or f"{backbone.name}_multiexit")
@@ -270,15 +292,21 @@ def orthogonal_classes(num_exits, num_classes, seed=None):
 
 
 def neokd_loss(clean_logits, adv_logits, y, keep, alpha=3.0, beta=1.0, exit_weights=None, sample_weight=None):
-    """NEO-KD's training loss.
+    """NEO-KD's training loss (Ham et al., NeurIPS 2023, sections 3.1 and 3.2).
 
     For each exit i, with weights `w_i` (equal by default):
-    `w_i * [CE(adv_i, y) + alpha * KL(mean_{j in N(i)} softmax(clean_j) || softmax(adv_i))
-    + beta * KL(q_i || softmax(adv_i))]`, where N(i) = {i-1, i, i+1} within
-    the exits (neighbour KD) and `q_i` is exit i's clean softmax restricted to
-    the true class plus the classes `keep[i]` assigns to exit i, renormalised
-    (exit-wise orthogonal KD). Clean outputs are targets: no gradient flows
-    through them. Terms are averaged over the batch.
+    `w_i * [CE(clean_i, y) + CE(adv_i, y)
+    + alpha * KL(mean_{j in N(i)} softmax(clean_j) || softmax(adv_i))
+    + beta * KL(q_i || softmax(adv_i))]`. The two cross-entropies are the
+    multi-exit adversarial training NEO-KD builds on (Hu et al. 2020: the sum
+    of the clean and adversarial losses of all exits), so `alpha = beta = 0`
+    is that baseline. N(i) = {i-1, i, i+1} within the exits (neighbour KD) and
+    `q_i` is exit i's clean softmax restricted to the true class plus the
+    classes `keep[i]` assigns to exit i, renormalised (exit-wise orthogonal
+    KD). As distillation targets the clean outputs carry no gradient; the
+    clean cross-entropy does. Terms are averaged over the batch. Deviation:
+    equal weights are `1 / exits` (MSDNet's code sums the exits' losses,
+    `w_i = 1`), a constant factor on the whole loss.
 
     Args:
         clean_logits: list of (batch, classes) logits on clean inputs, one per exit.
@@ -291,8 +319,8 @@ def neokd_loss(clean_logits, adv_logits, y, keep, alpha=3.0, beta=1.0, exit_weig
         sample_weight: per-example weights, or None.
 
     Returns:
-        `(loss, ce, nkd, eokd)`: the total and the three weighted-over-exits,
-        unscaled terms.
+        `(loss, clean_ce, ce, nkd, eokd)`: the total and the four
+        weighted-over-exits, unscaled terms (`ce` on the adversarial inputs).
     """
     exits = len(clean_logits)
     if len(adv_logits) != exits:
@@ -303,8 +331,9 @@ def neokd_loss(clean_logits, adv_logits, y, keep, alpha=3.0, beta=1.0, exit_weig
     clean = [ops.stop_gradient(ops.softmax(z, axis=-1)) for z in clean_logits]
     classes = clean_logits[0].shape[-1]
     onehot = ops.one_hot(y, classes, dtype=clean[0].dtype)
-    ce = nkd = eokd = 0.0
+    clean_ce = ce = nkd = eokd = 0.0
     for i, adv in enumerate(adv_logits):
+        clean_ce += weights[i] * kernels.weighted_mean(kernels.cross_entropy(clean_logits[i], y), sample_weight)
         log_q = ops.log_softmax(adv, axis=-1)
         ensemble = sum(clean[j] for j in (i - 1, i, i + 1) if 0 <= j < exits) / len(
             [j for j in (i - 1, i, i + 1) if 0 <= j < exits])
@@ -313,7 +342,7 @@ def neokd_loss(clean_logits, adv_logits, y, keep, alpha=3.0, beta=1.0, exit_weig
         ce += weights[i] * kernels.weighted_mean(kernels.cross_entropy(adv, y), sample_weight)
         nkd += weights[i] * kernels.weighted_mean(_kl(ensemble, log_q), sample_weight)
         eokd += weights[i] * kernels.weighted_mean(_kl(restricted, log_q), sample_weight)
-    return ce + alpha * nkd + beta * eokd, ce, nkd, eokd
+    return clean_ce + ce + alpha * nkd + beta * eokd, clean_ce, ce, nkd, eokd
 
 
 def _kl(p, log_q):
@@ -328,8 +357,9 @@ class NeoKD(Objective):
 
     The adversary attacks every exit (the average attack, or the max-average
     attack whose single-exit attacks share one random start); each step draws
-    a fresh orthogonal class partition. Logged: `ce`, `nkd`, `eokd` and the
-    clean accuracy of every exit (`exit_<k>_accuracy`).
+    a fresh orthogonal class partition. Logged: `clean_ce`, `ce` (on the
+    adversarial inputs), `nkd`, `eokd` and the clean accuracy of every exit
+    (`exit_<k>_accuracy`).
 
     Args:
         alpha: neighbour-KD weight.
@@ -375,7 +405,7 @@ class NeoKD(Objective):
         return True, adversarial
 
     def scalar_logs(self, model):
-        return ["ce", "nkd", "eokd"]
+        return ["clean_ce", "ce", "nkd", "eokd"]
 
     def accuracy_logs(self, model):
         return [f"exit_{k}_accuracy" for k in range(1, len(model.outputs) + 1)]
@@ -387,9 +417,9 @@ class NeoKD(Objective):
     def losses(self, model, step):
         keep = orthogonal_classes(len(model.outputs), model.outputs[0].shape[-1], seed=model.random_stream("partition"))
         adv = step.adv if step.adv is not None else step.clean
-        loss, ce, nkd, eokd = neokd_loss(step.clean, adv, step.labels, keep, self.alpha, self.beta, self.exit_weights,
-                                         step.sample_weight)
-        return [loss], {"ce": ce, "nkd": nkd, "eokd": eokd}
+        loss, clean_ce, ce, nkd, eokd = neokd_loss(step.clean, adv, step.labels, keep, self.alpha, self.beta,
+                                                   self.exit_weights, step.sample_weight)
+        return [loss], {"clean_ce": clean_ce, "ce": ce, "nkd": nkd, "eokd": eokd}
 
     def test_loss(self, model, x, labels, outputs, sample_weight):
         return kernels.weighted_mean(_average_ce(outputs, labels), sample_weight)
@@ -407,7 +437,8 @@ class NEOKD(RobustModel):
     Each step crafts adversarial examples against all exits (the average
     attack, or the max-average attack), then minimises `neokd_loss` with a
     fresh orthogonal class partition. `alpha=beta=0` gives plain multi-exit
-    adversarial training. Logged: `loss`, `ce`, `nkd`, `eokd`, the clean
+    adversarial training (Hu et al.: clean and adversarial cross-entropy of
+    every exit). Logged: `loss`, `clean_ce`, `ce`, `nkd`, `eokd`, the clean
     accuracy of every exit (`exit_<k>_accuracy`) and `adv_accuracy` of the
     last exit. Calling it runs the model; saved, it loads as that `RobustModel`.
 
@@ -416,8 +447,8 @@ class NEOKD(RobustModel):
         alpha: neighbour-KD weight (paper: 3).
         beta: exit-wise orthogonal KD weight (paper: 1).
         exit_weights: per-exit weights (default equal).
-        adversary: `AdversarialTraining` ("pgd" or "fgsm_rs") or its config;
-            default PGD-10 at 8/255.
+        adversary: `AdversarialTraining` ("pgd" or a one-step method) or its
+            config; default PGD-10 at 8/255.
         attack: "average" or "max_average".
         seed: seed of the class partitions.
         name: model name.

@@ -19,7 +19,7 @@ import pathlib
 import re
 import tomllib
 
-from tinyrobust import attacks, data, distill, distribute, models, quantizers
+from tinyrobust import attacks, data, distill, distribute, models, multiexit, quantizers, training
 from tinyrobust.bench.specs import Experiment
 from tinyrobust.validation import check_number
 
@@ -32,18 +32,19 @@ NORMS = ("linf", "l2")
 _ONLY_NORM = {"CarliniWagnerL2": "l2", "Boundary": "l2"}
 _TOP = {"name", "description", "dataset", "seed", "train", "models", "threat_models", "export", "profiles"}
 _TRAIN = {"epochs", "batch_size", "learning_rate", "limit", "augment", "validation_fraction", "distribute",
-          "schedule", "warmup_epochs", "jacobian_ramp_epochs", "epsilon_ramp_epochs", "noise_anneal_epochs"}
+          "schedule", "warmup_epochs", "jacobian_ramp_epochs", "epsilon_ramp_epochs", "noise_anneal_epochs",
+          "noise_anneal_start"}
 _SCHEDULES = ("constant", "cosine")
 _MODEL = {"name", "architecture", "quantization", "options", "jacobian", "adversary", "distill", "exits", "neokd",
           "seeds", "early_stopping"}
 _EARLY_STOPPING = {"examples", "steps", "collapse"}
 _EARLY_STOPPING_DEFAULTS = {"examples": 1000, "steps": 10, "collapse": 0.2}
-_DISTILL = {"teacher", "method", "temperature", "alpha", "teacher_seed"}
-_EXITS = {"layers", "thresholds"}
+_DISTILL = {"teacher", "method", "temperature", "alpha", "teacher_seed", "attack_training"}
+_EXITS = {"layers", "thresholds", "head"}
 _NEOKD = {"alpha", "beta", "attack", "exit_weights"}
 _MULTI_EXIT = {"steps", "targets"}
 _MULTI_EXIT_TARGETS = ("average", "max_average")
-_ADVERSARY = {"method", "epsilon", "steps", "step_size", "beta"}
+_ADVERSARY = {"method", "epsilon", "steps", "step_size", "beta", "noise", "align_weight"}
 _THREAT = {"epsilons", "examples", "attacks", "suite", "multi_exit", "deployed_epsilons"}
 _SUITE = {"name", "steps", "target_classes", "queries"}
 _EXPORT = {"enabled", "compress", "calibration_size", "parity_examples", "deployed_examples", "deployed_attacks",
@@ -114,6 +115,13 @@ def _check_recipe(train):
     for key in ("warmup_epochs", "jacobian_ramp_epochs", "epsilon_ramp_epochs", "noise_anneal_epochs"):
         if train[key] is not None:
             _number(f"train.{key}", train[key], low=0, high=epochs, integer=True)
+    start = train.get("noise_anneal_start")
+    if start is not None:
+        if not train["noise_anneal_epochs"]:
+            raise ExperimentError("`train.noise_anneal_start` places the noise fade: set `train.noise_anneal_epochs` "
+                                  f"too. Received: train.noise_anneal_start={start!r}")
+        _number("train.noise_anneal_start", start, low=1, high=epochs - train["noise_anneal_epochs"] + 1,
+                integer=True)
     if train["warmup_epochs"] is not None and epochs and train["warmup_epochs"] >= epochs:
         raise ExperimentError(f"`train.warmup_epochs` must leave at least one epoch after the warm-up "
                               f"(train.epochs={epochs}). Received: train.warmup_epochs={train['warmup_epochs']}")
@@ -148,6 +156,34 @@ def _check_name(where, name):
                               f"files). Received: {where}={name!r}")
 
 
+_JACOBIAN_NESTED = {"layers", "batch_fraction"}
+
+
+def jacobian_settings(table):
+    """`(layers, batch_fraction)` of a model's `jacobian` table.
+
+    The table is either the weights themselves (`{ input = 0.01, relu_2 = 0.01 }`) or, to set more than the
+    weights, `{ layers = { input = 0.01, ... }, batch_fraction = 0.25 }`.
+    """
+    if isinstance(table.get("layers"), dict):
+        return table["layers"], table.get("batch_fraction", 1.0)
+    return table, 1.0
+
+
+def _check_jacobian(where, table):
+    if isinstance(table.get("layers"), dict):
+        _unknown(f"{where}jacobian.", table, _JACOBIAN_NESTED)
+        _number(f"{where}jacobian.batch_fraction", table.get("batch_fraction", 1.0), low=0, low_open=True, high=1)
+        where = f"{where}jacobian.layers."
+    else:
+        where = f"{where}jacobian."
+    layers, _ = jacobian_settings(table)
+    if not layers:
+        raise ExperimentError(f"Expected `{where[:-1]}` to give at least one weight. Received: {where[:-1]}={layers!r}")
+    for layer, weight in layers.items():
+        _number(f"{where}{layer}", weight, low=0)
+
+
 def _check_builds(where, model, dataset_info):
     """Builds the architecture with its options and checks the Jacobian layers against it; returns the model."""
     try:
@@ -158,7 +194,7 @@ def _check_builds(where, model, dataset_info):
         raise ExperimentError(f"`{where}options` do not build {model['architecture']!r}: {error}. "
                               f"Received: {where}options={model['options']!r}") from None
     layers = {layer.name for layer in built.layers}
-    for layer in model.get("jacobian", {}):
+    for layer in jacobian_settings(model.get("jacobian") or {})[0]:
         if layer != "input" and layer not in layers:
             raise ExperimentError(f"`{where}jacobian` names a layer {model['architecture']!r} does not have "
                                   f"(use 'input' or one of its layer names, e.g. {sorted(layers)[:5]}). "
@@ -204,15 +240,19 @@ def _check_models(config):
         for key in ("options", "jacobian", "adversary"):
             if model.get(key) is not None and not isinstance(model[key], dict):
                 raise ExperimentError(f"Expected `{where}{key}` to be a table. Received: {where}{key}={model[key]!r}")
-        for layer, weight in model.get("jacobian", {}).items():
-            _number(f"{where}jacobian.{layer}", weight, low=0)
+        if model.get("jacobian") is not None:
+            _check_jacobian(where, model["jacobian"])
         built = _check_builds(where, model, data.info(config["dataset"]))
         adversary = model.get("adversary")
         if adversary is not None:
             _unknown(f"{where}adversary.", adversary, _ADVERSARY)
-            if adversary.get("method") not in ("pgd", "trades", "fgsm_rs"):
-                raise ExperimentError("Expected `adversary.method` to be 'pgd', 'trades' or 'fgsm_rs'. "
+            if adversary.get("method") not in training.METHODS:
+                raise ExperimentError(f"Expected `adversary.method` to be one of {', '.join(training.METHODS)}. "
                                       f"Received: {where}adversary.method={adversary.get('method')!r}")
+            try:  # the adversary's own rules (e.g. `noise` only for N-FGSM), before any model trains
+                training.AdversarialTraining(**adversary)
+            except (TypeError, ValueError) as error:
+                raise ExperimentError(f"`{where}adversary` does not build: {error}") from None
             low, high = data.info(config["dataset"]).input_range
             _number(f"{where}adversary.epsilon", adversary.get("epsilon"), low=0, low_open=True, high=high - low)
         if model.get("seeds") is not None:
@@ -294,6 +334,13 @@ def _check_exits(where, model, backbone):
         if name not in known:
             raise ExperimentError(f"Unknown exit layer of {model['architecture']} (layers: {', '.join(known)}). "
                                   f"Received: {where}exits.layers={name!r}")
+    if exits.get("head", "dense") not in multiexit.HEADS:
+        raise ExperimentError(f"Expected `{where}exits.head` to be one of {', '.join(map(repr, multiexit.HEADS))}. "
+                              f"Received: {where}exits.head={exits.get('head')!r}")
+    try:  # the order of the exits, and anything else the library refuses, before any model trains
+        multiexit.attach_exits(backbone, layers, head=exits.get("head", "dense"))
+    except ValueError as error:
+        raise ExperimentError(f"`{where}exits` does not build: {error}") from None
     exits.setdefault("thresholds", [0.8, 0.9, 0.95])
     for threshold in exits["thresholds"]:
         _number(f"{where}exits.thresholds", threshold, low=0, high=1, low_open=True)
@@ -306,7 +353,7 @@ def _check_exits(where, model, backbone):
     adversary = model.get("adversary")
     if adversary is None or adversary["method"] == "trades":
         raise ExperimentError(f"NEO-KD trains on adversarial examples: set `{where}adversary` with method 'pgd' or "
-                              f"'fgsm_rs'. Received: {where}adversary={adversary!r}")
+                              f"a one-step method. Received: {where}adversary={adversary!r}")
     for key in ("alpha", "beta"):
         if key in neokd:
             _number(f"{where}neokd.{key}", neokd[key], low=0)
@@ -337,7 +384,8 @@ def _check_distill(where, model, earlier):
                               f"Received: {where}method={spec.get('method')!r}")
     adversary = model.get("adversary")
     if spec.get("method", "ard") != "kd" and adversary is not None and adversary["method"] == "trades":
-        raise ExperimentError(f"A distilled student's adversary crafts the distillation attack ('pgd' or 'fgsm_rs'). "
+        raise ExperimentError(f"A distilled student's adversary crafts the distillation attack ('pgd' or a one-step "
+                              f"method). "
                               f"Received: {prefix}adversary.method='trades'")
     if spec.get("method") == "kd" and adversary is not None:
         raise ExperimentError(f"method 'kd' distils on clean inputs: remove the adversary. "
@@ -345,6 +393,9 @@ def _check_distill(where, model, earlier):
     for key, bounds in (("temperature", {"low": 0, "low_open": True}), ("alpha", {"low": 0, "high": 1})):
         if key in spec:
             _number(f"{where}{key}", spec[key], **bounds)
+    if "attack_training" in spec and not isinstance(spec["attack_training"], bool):
+        raise ExperimentError(f"Expected `{where}attack_training` to be true or false. "
+                              f"Received: {where}attack_training={spec['attack_training']!r}")
     teacher = spec.get("teacher")
     if not isinstance(teacher, str):
         raise ExperimentError(f"Expected `{where}teacher` to name a model. Received: teacher={teacher!r}")

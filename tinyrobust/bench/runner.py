@@ -19,7 +19,7 @@ from tinyrobust import attacks, callbacks, data, distill, distribute, export, fi
 from tinyrobust.attacks.base import labels_of, predict
 from tinyrobust.bench import fingerprints
 from tinyrobust.bench import results as results_lib
-from tinyrobust.bench.config import ExperimentError, build_attack, build_suite
+from tinyrobust.bench.config import ExperimentError, build_attack, build_suite, jacobian_settings
 from tinyrobust.footprint import summary
 from tinyrobust.jacobian import JacobianRegularizer
 from tinyrobust.training import AdversarialTraining, RobustModel
@@ -200,12 +200,16 @@ def _build(config, spec, dataset_info, out):
     without a `neokd` table)."""
     model = models.get(spec.architecture, quantization=spec.quantization, num_classes=dataset_info.num_classes,
                        input_shape=dataset_info.input_shape, **spec.options)
-    jacobian = JacobianRegularizer(layers=dict(spec.jacobian)) if spec.jacobian else None
+    jacobian = None
+    if spec.jacobian:
+        layers, fraction = jacobian_settings(spec.jacobian)
+        jacobian = JacobianRegularizer(layers=dict(layers), batch_fraction=fraction)
     adversary = None
     if spec.adversary:
         adversary = AdversarialTraining(input_range=dataset_info.input_range, seed=config.seed, **spec.adversary)
     if spec.exits:
-        network = multiexit.attach_exits(model, spec.exits["layers"], name=spec.name)
+        network = multiexit.attach_exits(model, spec.exits["layers"], name=spec.name,
+                                         head=spec.exits.get("head", "dense"))
         if adversary is None:
             return network
         neokd = spec.neokd or {"alpha": 0.0, "beta": 0.0}
@@ -228,7 +232,8 @@ def _build(config, spec, dataset_info, out):
                                             input_range=dataset_info.input_range, seed=config.seed)
         return distill.RobustDistiller(student, keras.saving.load_model(path), method=method,
                                        temperature=teaching.get("temperature"), alpha=teaching.get("alpha"),
-                                       adversary=adversary, name=f"distill_{spec.name}")
+                                       attack_training=teaching.get("attack_training"), adversary=adversary,
+                                       name=f"distill_{spec.name}")
     if jacobian is None and adversary is None:
         return model
     return RobustModel.wrap(model, jacobian=jacobian, adversary=adversary, name=spec.name)
@@ -258,7 +263,7 @@ def _recipe_callbacks(recipe, model):
         found.append(callbacks.EpsilonScheduler(recipe.epsilon_ramp_epochs))
     if recipe.noise_anneal_epochs and quantizers.stochastic_quantizers(model):
         found.append(callbacks.QuantizationNoiseScheduler(recipe.noise_anneal_epochs,
-                                                          start_epoch=recipe.epochs - recipe.noise_anneal_epochs))
+                                                          start_epoch=recipe.noise_anneal_window()[0]))
     return found
 
 
@@ -271,10 +276,17 @@ def _early_stopping(config, spec, model, path):
     x, y = data.load_arrays(config.dataset, "validation", validation_fraction=recipe.validation_fraction,
                             limit=settings["examples"], seed=config.seed)
     epsilon = model.adversary.epsilon
-    attack = attacks.PGD(epsilon, steps=settings["steps"], rel_step_size=0.25,
-                         input_range=data.info(config.dataset).input_range, seed=config.seed)
+    input_range = data.info(config.dataset).input_range
+    if spec.exits:  # the claim is about the weakest exit: select on it, under the attack on every exit
+        attack = multiexit.MultiExitPGD(epsilon, target="average", steps=settings["steps"], rel_step_size=0.25,
+                                        input_range=input_range, seed=config.seed)
+    else:
+        attack = attacks.PGD(epsilon, steps=settings["steps"], rel_step_size=0.25, input_range=input_range,
+                             seed=config.seed)
+    window = recipe.noise_anneal_window() if quantizers.stochastic_quantizers(model) else None
     return callbacks.RobustEarlyStopping(x, y, epsilon=epsilon, attack=attack, collapse=settings["collapse"],
-                                         path=path, name="held_out_pgd")
+                                         path=path, name="held_out_pgd", exit="weakest" if spec.exits else "final",
+                                         keep_from_epoch=0 if window is None else window[1])
 
 
 class _TrainingClock(keras.callbacks.Callback):

@@ -142,6 +142,9 @@ class EarlyStopping:
     robust_accuracy: list[float] = _field("PGD accuracy on the held-out training examples after each epoch")
     best_epoch: int = _field("the epoch whose weights were kept (the first of ties)")
     stopped_epoch: Optional[int] = _field("the epoch after which training stopped on a collapse, or null")
+    keep_from_epoch: Optional[int] = _field(
+        "the first epoch whose weights could be kept (the first without quantization noise, when it fades); "
+        "absent when every epoch could", None)
 
 
 @dataclasses.dataclass(frozen=True)

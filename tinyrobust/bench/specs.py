@@ -64,10 +64,20 @@ class TrainSpec(_Spec):
     jacobian_ramp_epochs: Optional[int] = None  # Jacobian weights rise from 0 over these epochs
     epsilon_ramp_epochs: Optional[int] = None  # adversarial epsilon rises from 0 over these epochs
     noise_anneal_epochs: Optional[int] = None  # STQ/STB noise fades to deterministic over the last epochs
+    noise_anneal_start: Optional[int] = None  # 1-based epoch the fade starts (default: it ends with training)
 
     # Absent keys keep the canonical form (and fingerprint) of runs made before they existed.
     _omit_when_none = ("distribute", "schedule", "warmup_epochs", "jacobian_ramp_epochs", "epsilon_ramp_epochs",
-                       "noise_anneal_epochs")
+                       "noise_anneal_epochs", "noise_anneal_start")
+
+    def noise_anneal_window(self):
+        """`(start, end)`: the 0-based epoch the noise fade starts at and the first epoch trained without
+        noise; None without a fade."""
+        if not self.noise_anneal_epochs:
+            return None
+        start = (self.epochs - self.noise_anneal_epochs if self.noise_anneal_start is None
+                 else self.noise_anneal_start - 1)
+        return start, start + self.noise_anneal_epochs - 1
 
 
 @dataclasses.dataclass(frozen=True)
