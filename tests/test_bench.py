@@ -9,7 +9,7 @@ import pytest
 import tinyrobust as tr
 from tinyrobust import bench, cli
 from tinyrobust.bench import results as results_lib
-from tinyrobust.bench import runner
+from tinyrobust.bench import per_example, runner
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
@@ -121,6 +121,24 @@ attacks = { fgsm = { type = "FGSM" } }
         (BASE.replace('options = { width = 4 }', 'early_stopping = 1\n' + _FGSM), "early_stopping=1"),
         (BASE.replace('options = { width = 4 }', 'early_stopping = {}\n' + _FGSM)
          + "\n[train]\nvalidation_fraction = 0.0\n", "train.validation_fraction=0.0"),
+        (BASE.replace('options = { width = 4 }', 'adversary = { method = "pgd", epsilon = 0.1, noise = 2.0 }'),
+         "`noise` is a setting of method 'n_fgsm'"),
+        (BASE.replace('options = { width = 4 }', 'adversary = { method = "grad_align", epsilon = 0.1, '
+                      'align_weight = -1 }'), "align_weight=-1"),
+        (BASE.replace('options = { width = 4 }', 'adversary = { method = "free", epsilon = 0.1 }'),
+         "adversary.method='free'"),
+        (BASE.replace('options = { width = 4 }', 'jacobian = { layers = { input = 0.1 }, batch_fraction = 0 }'),
+         "jacobian.batch_fraction=0"),
+        (BASE.replace('options = { width = 4 }', 'jacobian = { layers = { input = 0.1 }, fraction = 0.5 }'),
+         "Unknown key 'models\\[0\\].jacobian.fraction'"),
+        (BASE.replace('options = { width = 4 }', 'jacobian = { layers = { relu_9 = 0.1 } }'), "jacobian.relu_9"),
+        (BASE + "\n[train]\nepochs = 3\nnoise_anneal_start = 2\n", "set `train.noise_anneal_epochs` too"),
+        (BASE + "\n[train]\nepochs = 3\nnoise_anneal_epochs = 2\nnoise_anneal_start = 3\n",
+         "train.noise_anneal_start=3"),
+        (BASE.replace('options = { width = 4 }', 'exits = { layers = ["relu_2", "relu_1"] }'),
+         "in the backbone's order"),
+        (BASE.replace('options = { width = 4 }', 'exits = { layers = ["relu_1"], head = "mlp" }'),
+         "exits.head='mlp'"),
     ],
 )
 def test_invalid_experiment_fails_before_work_naming_the_key(tmp_path, text, message):
@@ -194,6 +212,14 @@ def test_smoke_run_end_to_end_resumes_and_reports(tmp_path, capsys):
         assert set(deployed["eps_in_input_steps"]) == set(deployed["worst_case"])
         assert result["command"].startswith("tinyrobust bench") and result["versions"]["keras"].startswith("3.")
         assert result["machine"] == runner.machine() and result["machine"]["cores"] >= 1
+        # Which examples each number counted, for paired tests of claims.
+        kept = result["per_example"]
+        assert per_example.unpack(kept["clean"]).mean() == pytest.approx(result["clean_accuracy"])
+        assert per_example.unpack(kept["test_split"]).mean() == pytest.approx(result["test_accuracy"]["accuracy"])
+        for eps, value in result["worst_case"].items():
+            assert per_example.unpack(kept["worst_case"][eps]).mean() == pytest.approx(value)
+        for eps, value in deployed["worst_case"].items():
+            assert per_example.unpack(deployed["per_example"]["worst_case"][eps]).mean() == pytest.approx(value)
     stq = json.loads((out / "results" / "stq__linf.json").read_text())
     flt = json.loads((out / "results" / "float__linf.json").read_text())
     assert stq["model"]["packed_bytes"] < flt["model"]["packed_bytes"]
@@ -715,3 +741,49 @@ def test_an_experiment_is_frozen_specs_whose_canonical_form_is_the_file(tmp_path
     assert (reseeded.seed, reseeded.seeds, config.seed) == (3, (3,), 0)
     staged = bench.select_models(config, ["m"])
     assert staged.defined_models == ("m",) and staged.model("m") is staged.models[0] and staged.model("x") is None
+
+
+def test_one_step_methods_batch_fraction_jr_conv_exits_and_annealed_selection_from_an_experiment_file(tmp_path):
+    """N-FGSM with JR on a quarter of each batch, and a GradAlign multi-exit network with convolutional exit heads,
+    selected on its weakest exit among the epochs after the noise fade."""
+    text = """
+dataset = "fashion_mnist"
+[[models]]
+name = "nfgsm_jr"
+architecture = "small_cnn"
+quantization = "stq"
+options = { width = 4 }
+adversary = { method = "n_fgsm", epsilon = 0.05 }
+jacobian = { layers = { input = 0.01, relu_2 = 0.01 }, batch_fraction = 0.25 }
+[[models]]
+name = "exits"
+architecture = "small_cnn"
+quantization = "stq"
+options = { width = 4 }
+adversary = { method = "grad_align", epsilon = 0.05, align_weight = 0.5 }
+exits = { layers = ["relu_1"], head = "conv" }
+early_stopping = { examples = 16, steps = 1 }
+[train]
+epochs = 3
+limit = 64
+noise_anneal_epochs = 1
+noise_anneal_start = 2
+[threat_models.linf]
+epsilons = [0.05]
+examples = 16
+attacks = { fgsm = { type = "FGSM" } }
+multi_exit = { steps = 1, targets = ["average"] }
+[export]
+enabled = false
+"""
+    config = bench.load(_write(tmp_path, text))
+    assert config.models[0].jacobian == {"layers": {"input": 0.01, "relu_2": 0.01}, "batch_fraction": 0.25}
+    results = {r["model"]["name"]: r for r in bench.run(config, tmp_path / "run", verbose=False)}
+    for result in results.values():
+        results_lib.validate(result)
+    stopping = results["exits"]["early_stopping"]
+    assert stopping["keep_from_epoch"] == 2 and stopping["best_epoch"] >= 2  # the noise is gone from epoch 2 on
+    trained = keras.saving.load_model(tmp_path / "run" / "models" / "exits.keras")
+    assert "exit_1_conv" in {layer.name for layer in trained.layers}
+    assert results["exits"]["model"]["adversary"] == {"method": "grad_align", "epsilon": 0.05, "align_weight": 0.5}
+    assert keras.saving.load_model(tmp_path / "run" / "models" / "nfgsm_jr.keras").jacobian.batch_fraction == 0.25

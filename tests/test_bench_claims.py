@@ -1,5 +1,6 @@
 import pathlib
 
+import numpy as np
 import pytest
 from benchmark_scripts import load_benchmark
 
@@ -23,31 +24,83 @@ ROWS = [
 ]
 
 
-def test_a_claim_pairs_seeds_and_holds_only_when_every_seed_agrees():
+def test_a_claim_pairs_seeds_and_is_judged_by_its_interval():
     record = claims.check(claims.Claim("JR beats int8 white-box", "stq_jr", "int8", "worst", eps="0.1"), ROWS)
     assert record["seeds"] == [0, 1, 2]
     assert record["differences"] == pytest.approx([0.30, 0.18, -0.05])
     assert record["mean"] == pytest.approx(0.43 / 3)
     assert record["std"] == pytest.approx(0.1778576, abs=1e-6)
-    assert record["verdict"] == "mixed" and record["wins"] == 2
+    assert record["wins"] == 2 and record["resampled"] == "seeds"  # no per-example records: seeds only
+    low, high = record["interval"]
+    assert low < 0 < high and record["verdict"] == "inconclusive"  # one seed against: the interval straddles 0
     deployed = claims.check(claims.Claim("wide margin on the device", "stq_jr", "int8", "deployed_worst", eps="0.1",
                                          margin=0.25), ROWS)
     assert deployed["verdict"] == "holds" and deployed["differences"] == pytest.approx([0.4, 0.28, 0.3])
+    assert deployed["interval"][0] == pytest.approx(0.28) and deployed["interval"][1] == pytest.approx(0.4)
     clean = claims.check(claims.Claim("clean", "stq_jr", "int8", "clean"), ROWS)
     assert clean["verdict"] == "does not hold"
     flash = claims.check(claims.Claim("a fraction of the flash", "stq_jr", "int8", "flash_bytes", max_ratio=0.5), ROWS)
     assert flash["verdict"] == "holds" and flash["mean"] == pytest.approx(1 / 3)
     missing = claims.check(claims.Claim("no such model", "stq_jr", "float", "clean"), ROWS)
-    assert missing["verdict"] == "not measured" and missing["mean"] is None
+    assert missing["verdict"] == "not measured" and missing["mean"] is None and missing["interval"] is None
     # Clean accuracy on the whole test split: only rows that record it are paired.
     rows = [{**r, "test_accuracy": {"accuracy": r["clean_accuracy"] - 0.01 * r["seed"], "examples": 10000}}
             for r in ROWS if r["seed"] < 2] + [r for r in ROWS if r["seed"] >= 2]
     split = claims.check(claims.Claim("split", "stq_jr", "int8", "test_split", margin=-0.06), rows)
     assert split["seeds"] == [0, 1] and split["differences"] == pytest.approx([-0.05, -0.07])
-    assert split["verdict"] == "mixed" and claims.measured(split) == "-6.0 ± 1.4 points"
+    assert split["verdict"] == "inconclusive" and claims.measured(split) == "-6.0 points [-7.0, -5.0]"
     table = claims.table([record, deployed, flash, missing])
-    assert "| JR beats int8 white-box | stq_jr vs int8 | worst eps 0.1 | 28.3% / 14.0% | +14.3 ± 17.8 points | mixed (2 of 3 seeds) |" in table
-    assert "0.33x ± 0.00" in table and "| not measured |" in table
+    assert ("| JR beats int8 white-box | stq_jr vs int8 | worst eps 0.1 | 28.3% / 14.0% | +14.3 points "
+            f"[{100 * low:+.1f}, {100 * high:+.1f}] | seeds | 2 of 3 | inconclusive |") in table
+    assert "0.33x [0.33, 0.33]" in table and "| not measured |" in table
+
+
+def _paired_rows(seeds, n, better_correct, baseline_correct):
+    """Rows whose per-example records say which of `n` examples each model got right (the same every seed)."""
+    from tinyrobust.bench import per_example
+
+    rows = []
+    for seed in seeds:
+        for model, correct in (("stq_jr", better_correct), ("int8", baseline_correct)):
+            rows.append({"model": {"name": model}, "seed": seed, "threat_model": {"norm": "linf"},
+                         "clean_accuracy": 1.0, "worst_case": {"0.1": float(np.mean(correct))}, "deployed": None,
+                         "per_example": {"clean": per_example.pack(np.ones(n, bool)),
+                                         "worst_case": {"0.1": per_example.pack(correct)}}})
+    return rows
+
+
+def test_the_interval_resamples_examples_when_results_record_them():
+    """1,000 paired examples, the better model right on 100 the baseline gets wrong and alike elsewhere: the
+    difference is 0.1 with a standard error of sqrt(0.09 / 1000) = 0.0095, so the 95% interval is close to
+    0.1 +- 1.96 * 0.0095 (three identical seeds add no seed-to-seed spread)."""
+    n = 1000
+    baseline = np.zeros(n, bool)
+    baseline[:500] = True
+    better = baseline.copy()
+    better[500:600] = True
+    record = claims.check(claims.Claim("JR wins", "stq_jr", "int8", "worst", eps="0.1"),
+                          _paired_rows([0, 1, 2], n, better, baseline))
+    assert record["resampled"] == "seeds and examples" and record["mean"] == pytest.approx(0.1)
+    low, high = record["interval"]
+    half = 1.96 * np.sqrt(0.09 / n)
+    assert low == pytest.approx(0.1 - half, abs=0.003) and high == pytest.approx(0.1 + half, abs=0.003)
+    assert record["verdict"] == "holds"
+    assert claims.check(claims.Claim("by 15 points", "stq_jr", "int8", "worst", eps="0.1", margin=0.15),
+                        _paired_rows([0, 1, 2], n, better, baseline))["verdict"] == "does not hold"
+    assert claims.check(claims.Claim("by 10 points", "stq_jr", "int8", "worst", eps="0.1", margin=0.1),
+                        _paired_rows([0, 1, 2], n, better, baseline))["verdict"] == "inconclusive"
+    # A sample too small to separate a 2-point difference: 50 examples.
+    small = claims.check(claims.Claim("JR wins", "stq_jr", "int8", "worst", eps="0.1"),
+                         _paired_rows([0, 1, 2], 50, better[450:500] | (np.arange(50) == 0), better[450:500]))
+    assert small["verdict"] == "inconclusive"
+
+
+def test_bootstrap_interval_is_reproducible_and_refuses_empty_seeds():
+    assert claims.bootstrap_interval([[0.1], [0.2]]) == claims.bootstrap_interval([[0.1], [0.2]])
+    with pytest.raises(ValueError, match="per seed"):
+        claims.bootstrap_interval([[]])
+    with pytest.raises(ValueError, match="the same examples"):
+        claims.bootstrap_interval([[0, 1], [1]])
 
 
 def test_the_weakest_exit_of_a_multi_exit_network_under_either_multi_exit_attack():

@@ -18,6 +18,7 @@ import inspect
 import pathlib
 import re
 import tomllib
+from collections.abc import Mapping
 
 from tinyrobust import attacks, data, distill, distribute, models, multiexit, quantizers, training
 from tinyrobust.bench.specs import Experiment
@@ -165,13 +166,13 @@ def jacobian_settings(table):
     The table is either the weights themselves (`{ input = 0.01, relu_2 = 0.01 }`) or, to set more than the
     weights, `{ layers = { input = 0.01, ... }, batch_fraction = 0.25 }`.
     """
-    if isinstance(table.get("layers"), dict):
+    if isinstance(table.get("layers"), Mapping):
         return table["layers"], table.get("batch_fraction", 1.0)
     return table, 1.0
 
 
 def _check_jacobian(where, table):
-    if isinstance(table.get("layers"), dict):
+    if isinstance(table.get("layers"), Mapping):
         _unknown(f"{where}jacobian.", table, _JACOBIAN_NESTED)
         _number(f"{where}jacobian.batch_fraction", table.get("batch_fraction", 1.0), low=0, low_open=True, high=1)
         where = f"{where}jacobian.layers."

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from tinyrobust import attacks, callbacks, data, distill, distribute, export, files, models, multiexit, quantizers
 from tinyrobust.attacks.base import labels_of, predict
-from tinyrobust.bench import fingerprints
+from tinyrobust.bench import fingerprints, per_example
 from tinyrobust.bench import results as results_lib
 from tinyrobust.bench.config import ExperimentError, build_attack, build_suite, jacobian_settings
 from tinyrobust.footprint import summary
@@ -433,11 +433,12 @@ def _deployed(config, spec, model, attacked, cascade, out, x, y, threat, say, mo
                                 seed=config.seed)
         say(f"  {spec.name}: {type(attack).__name__} ({queries} queries) on TFLite Micro ({n} examples)")
         record_attack(key, attack.run(deployed, x_d, y_d))
-    worst, robust = {}, clean
+    worst, robust, worst_correct = {}, clean, {}
     for i, eps in enumerate(epsilons):  # per example over every deployed attack, never rising with eps
         for per_eps in correct.values():
             robust = robust & per_eps[i]
         worst[str(eps)] = float(np.mean(robust))
+        worst_correct[eps] = robust
     scale = deployed.input_scale[0] if deployed.input_scale else None
     steps = {str(e): (None if scale is None else float(e / scale)) for e in epsilons}
     checks = attacks.check_model(deployed, x_d, y_d, gradients=False, warn=False).flags
@@ -459,7 +460,8 @@ def _deployed(config, spec, model, attacked, cascade, out, x, y, threat, say, mo
               "parity_examples": parity["examples"], "agreement": parity["agreement"]["tflm"],
               "max_logit_difference": parity["max_logit_difference"]["tflm"],
               "parity_keras_accuracy": parity["accuracy"]["keras"], "parity_clean_accuracy": parity["accuracy"]["tflm"],
-              "calibration_indices_sha": _digest(parity["calibration_indices"]), "fingerprint": fingerprint}
+              "calibration_indices_sha": _digest(parity["calibration_indices"]), "fingerprint": fingerprint,
+              "per_example": per_example.record(clean, worst_correct)}
     files.write_json(record_path, record)
     return record
 
@@ -648,8 +650,10 @@ def _reused_result(path, settings, say):
 
 
 def _test_accuracy(model, x, y):
-    """The `test_accuracy` record: `model`'s clean accuracy on the whole test split `(x, y)`."""
-    return {"accuracy": float(np.mean(labels_of(predict(model, x)) == y)), "examples": int(len(y))}
+    """`(record, correct)`: the `test_accuracy` record (`model`'s clean accuracy on the whole test split
+    `(x, y)`) and the per-example correctness behind it."""
+    correct = labels_of(predict(model, x)) == y
+    return {"accuracy": float(np.mean(correct)), "examples": int(len(y))}, correct
 
 
 def _quality_target(target, test_accuracy):
@@ -704,7 +708,7 @@ def _run_seed(config, out, command, say):
             network, model = model, multiexit.final_exit(model, name=f"{spec.name}_final")
         footprint, bits = _footprint(network or model)
         attacked = export.fold_quantized_weights(model)  # the same outputs, weight quantizers evaluated once
-        test_accuracy = _test_accuracy(attacked, x_split, y_split)
+        test_accuracy, test_correct = _test_accuracy(attacked, x_split, y_split)
         for norm, threat in config.threat_models.items():
             path = out / "results" / f"{spec.name}__{norm}.json"
             if existing[norm] is not None:
@@ -765,6 +769,8 @@ def _run_seed(config, out, command, say):
                 "wall_time_s": {"train": train_seconds, "evaluate": evaluate_seconds, "export": export_seconds},
                 "settings": {**settings[norm], "model_settings": model_settings},
                 "fingerprint": fingerprints.fingerprint(settings[norm]),
+                "per_example": {**per_example.record(report.clean, report.worst),
+                                "test_split": per_example.pack(test_correct)},
             }
             results_lib.write(result, path)
             all_results.append(result)

@@ -18,7 +18,7 @@ from typing import Any, Optional
 from tinyrobust import files
 
 __all__ = ["Result", "Model", "ThreatModel", "Deployed", "MultiExit", "EarlyExit", "EarlyStopping", "QualityTarget",
-           "SplitAccuracy", "WallTime", "Machine", "check", "json_schema", "SCHEMA_FILE"]
+           "SplitAccuracy", "WallTime", "Machine", "PerExample", "Bits", "check", "json_schema", "SCHEMA_FILE"]
 
 SCHEMA_FILE = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "result.schema.json"
 _ABSENT = dataclasses.MISSING
@@ -46,7 +46,8 @@ class Model:
     int8_bytes: int = _field("weight bytes at 8 bits (`tinyrobust.summary`)")
     packed_bytes: float = _field("weight bytes at each layer's own bit width (`tinyrobust.summary`)")
     options: dict[str, Any] = _field("builder options of the experiment entry", {})
-    jacobian: dict[str, float] = _field("Jacobian regularization weight per layer ('input' for the input)", {})
+    jacobian: dict[str, Any] = _field("Jacobian regularization weight per layer ('input' for the input), or "
+                                      "{layers: {...}, batch_fraction} as the experiment file gives it", {})
     adversary: Optional[dict[str, Any]] = _field("adversarial training table of the experiment entry, or null", None)
     distill: Optional[dict[str, Any]] = _field("the student's {teacher, method, ...} table, or null", None)
     exits: Optional[dict[str, Any]] = _field("multi-exit table {layers, thresholds}, or null", None)
@@ -84,6 +85,23 @@ class SplitAccuracy:
 
 
 @dataclasses.dataclass(frozen=True)
+class Bits:
+    """A boolean per example (`tinyrobust.bench.per_example`): `numpy.packbits` as hex, and the count."""
+
+    n: int = _field("number of examples")
+    bits: str = _field("hex of numpy.packbits of the per-example booleans")
+
+
+@dataclasses.dataclass(frozen=True)
+class PerExample:
+    """Which examples were classified correctly, for paired tests of claims (absent in records from before it)."""
+
+    clean: Bits = _field("correct on the clean input, per example")
+    worst_case: dict[str, Bits] = _field("per eps: correct under clean and every attack, per example")
+    test_split: Optional[Bits] = _field("correct on the whole test split, per example", None)
+
+
+@dataclasses.dataclass(frozen=True)
 class Deployed:
     """The shipped TFLite Micro artifact, evaluated on the first `examples` test examples."""
 
@@ -113,6 +131,7 @@ class Deployed:
     checks: dict[str, str] = _field("honest-evaluation flags on the deployed model, e.g. eps_below_input_step", {})
     calibration_indices_sha: Optional[str] = _field("digest of the train-split indices used for calibration", None)
     fingerprint: Optional[str] = _field("the result's fingerprint (see `Result.fingerprint`)", None)
+    per_example: Optional[PerExample] = _field("per-example correctness on the deployed examples", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +225,8 @@ class Result:
     machine: Optional[Machine] = _field(
         "the host that wrote it: wall times and the last digits depend on it (absent in records from before it)",
         None)
+    per_example: Optional[PerExample] = _field("per-example correctness on the attacked examples and the whole "
+                                               "test split", None)
 
 
 def _optional(hint):
