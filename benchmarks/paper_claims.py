@@ -8,8 +8,12 @@ STQ student more robustness than training it alone at the same attack budget;
 NEO-KD keeps every exit of a multi-exit network robust; and the quality
 targets the recipes must reach. Each claim is checked with
 `tinyrobust.bench.claims` on `benchmarks/results/<experiment>_<profile>/results`
-(every seed there), and holds only when every seed agrees. Each profile's
-measured time (from the results' `wall_time_s`) is set against its budget.
+(every seed there) and judged by the paired 95% bootstrap interval of its
+difference (over seeds and, where results record them, test examples): it
+holds when the interval clears the claim's margin, does not hold when it
+lies on the other side, and is inconclusive when it straddles it. Each
+profile's measured time (from the results' `wall_time_s`) is set against its
+budget.
 
 Writes benchmarks/results/paper_claims_<profile>.json and .md, and with
 `--readme README.md` the README's Results section (between its
@@ -207,9 +211,11 @@ def _sentence(record, experiment):
     seeds = len(record["seeds"])
     what = claims.measured(record) + (" the baseline's bytes" if record["metric"] == "flash_bytes" else "")
     where = f" at eps {record['eps']}" if record["eps"] is not None else ""
+    how = (f"(mean and 95% interval, resampling {record['resampled']})" if record["interval"] is not None
+           else f"(no interval: {record['resampled']})")
     return (f"- {record['statement']}{where} ({experiment}, {record['better']} vs {record['baseline']}): "
-            f"{record['verdict']} here, {what} over {seeds} seed{'s' * (seeds > 1)} "
-            f"({record['wins']} of {seeds} agree).")
+            f"{record['verdict']} here, {what} {how} over {seeds} seed{'s' * (seeds > 1)} "
+            f"({record['wins']} of {seeds} clear the margin).")
 
 
 def main(argv=None):
