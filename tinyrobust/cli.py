@@ -34,6 +34,26 @@ def _bench(args):
     return 0
 
 
+def _sweep(args):
+    from tinyrobust.bench import config as config_lib
+    from tinyrobust.bench import sweep as sweep_lib
+
+    sweeps = config_lib.load_sweeps(args.experiment, profile=args.profile)
+    if args.model:
+        sweeps = [s for s in sweeps if s.model == args.model]
+    if not sweeps:
+        raise ValueError(f"The experiment has no [[sweeps]]{f' of model {args.model!r}' if args.model else ''}. "
+                         f"Received: experiment={args.experiment!r}")
+    name = pathlib.Path(args.experiment).stem
+    out = pathlib.Path(args.out or pathlib.Path("runs") / name / (args.profile or "base"))
+    command = shlex.join(["tinyrobust", *args.argv])
+    for sweep in sweeps:
+        record = sweep_lib.run(sweep, out, command=command, verbose=not args.quiet, fresh=args.fresh)
+        print(sweep_lib.markdown(record))
+    print(f"Sweep records: {out / 'sweeps'}")
+    return 0
+
+
 def _demo(args):
     args.experiment = str(EXPERIMENTS / "fashion_mnist_tiny.toml")
     args.argv = ["bench", args.experiment, "--profile", args.profile] + (["--out", args.out] if args.out else [])
@@ -99,6 +119,16 @@ def build_parser():
     bench.add_argument("--fresh", action="store_true", help="delete the earlier work of these models in the output folder and start them over (needed when "
                             "models or checkpoints there were trained with other settings)")
     bench.set_defaults(run=_bench)
+    sweep = commands.add_parser("sweep", help="train the candidates of an experiment's [[sweeps]] and choose "
+                                              "settings on the validation split (never the test split)")
+    sweep.add_argument("experiment", help="experiment TOML file with [[sweeps]]")
+    sweep.add_argument("--profile", default=None, help="profile defined in the file")
+    sweep.add_argument("--model", default=None, help="only the sweep of this model")
+    sweep.add_argument("--out", default=None, help="output folder (default: runs/<experiment>/<profile>); records "
+                                                  "go to <out>/sweeps/<model>.{json,md}")
+    sweep.add_argument("--quiet", action="store_true", help="no progress output")
+    sweep.add_argument("--fresh", action="store_true", help="start the candidates over")
+    sweep.set_defaults(run=_sweep)
     demo = commands.add_parser("demo", help="the fashion_mnist_tiny experiment: float vs STQ vs STQ+JR under FGSM, "
                                             "PGD and the autoattack-fast suite, exported to TFLite Micro and attacked "
                                             "there with Square and HopSkipJump (about 8.5 min on 2 cores)")

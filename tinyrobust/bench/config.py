@@ -14,7 +14,9 @@ and returns frozen specs (`tinyrobust.bench.specs`), which the runner reads.
 """
 
 import copy
+import dataclasses
 import inspect
+import itertools
 import pathlib
 import re
 import tomllib
@@ -31,7 +33,12 @@ ATTACKS = {
 }
 NORMS = ("linf", "l2")
 _ONLY_NORM = {"CarliniWagnerL2": "l2", "Boundary": "l2"}
-_TOP = {"name", "description", "dataset", "seed", "train", "models", "threat_models", "export", "profiles"}
+_TOP = {"name", "description", "dataset", "seed", "train", "models", "threat_models", "export", "profiles", "sweeps"}
+_SWEEP = {"model", "grid", "select", "epsilon", "min_clean", "examples", "steps"}
+_SWEEP_DEFAULTS = {"select": "robust", "min_clean": None, "examples": 1000, "steps": 10}
+SELECTIONS = ("clean", "robust", "robust_with_clean")
+# What a sweep may vary: a model entry's tables (dotted into them) and the recipe's scalars.
+_SWEEPABLE = {"jacobian", "adversary", "distill", "neokd", "options", "quantization", "early_stopping"}
 _TRAIN = {"epochs", "batch_size", "learning_rate", "limit", "augment", "validation_fraction", "distribute",
           "schedule", "warmup_epochs", "jacobian_ramp_epochs", "epsilon_ramp_epochs", "noise_anneal_epochs",
           "noise_anneal_start"}
@@ -553,6 +560,14 @@ def load(path, profile=None):
             epsilons out of range, or an unknown profile.
         FileNotFoundError: no such file.
     """
+    raw, sweeps = _read(path, profile)
+    config = _experiment(raw, path, profile)
+    _check_sweeps(sweeps, raw, path, profile)
+    return config
+
+
+def _read(path, profile):
+    """`(raw, sweeps)`: the experiment file's tables with the profile merged in, and its `[[sweeps]]`."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No experiment file at {str(path)!r}")
@@ -567,6 +582,14 @@ def load(path, profile=None):
             raise ExperimentError(f"Unknown profile (defined: {', '.join(sorted(profiles)) or 'none'}). "
                                   f"Received: profile={profile!r}")
         raw = _merge(raw, _with_suites_replaced(raw, profiles[profile], profile))
+    sweeps = raw.pop("sweeps", [])
+    return raw, sweeps
+
+
+def _experiment(raw, path, profile):
+    """The validated `specs.Experiment` of merged experiment tables."""
+    path = pathlib.Path(path)
+    raw = copy.deepcopy(raw)
     for key in ("train", "export", "threat_models"):
         if key in raw and not isinstance(raw[key], dict):
             raise ExperimentError(f"Expected `{key}` to be a table ([{key}]). Received: {key}={raw[key]!r}")
@@ -624,3 +647,136 @@ def load(path, profile=None):
                               f"({fewest}; the deployed model is attacked on the first of those). "
                               f"Received: export.deployed_examples={config['export']['deployed_examples']}")
     return Experiment.from_dict(config)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """One `[[sweeps]]` entry, built: the candidates of one model, to be selected on the validation split.
+
+    Attributes:
+        model: the swept model's name.
+        select: "clean" (best clean accuracy), "robust" (best PGD accuracy at `epsilon`) or
+            "robust_with_clean" (best PGD accuracy among candidates with clean accuracy at least `min_clean`;
+            the best clean one when none qualifies).
+        epsilon: the validation attack's radius (robust selections).
+        min_clean: the clean floor of "robust_with_clean".
+        examples: validation examples attacked (the clean accuracy uses the whole validation split).
+        steps: steps of the validation PGD.
+        grid: `{dotted key: [values]}` as written.
+        candidates: one `(settings, experiment)` per point of the grid, in grid order: `settings` maps each
+            dotted key to its value; `experiment` is a validated `specs.Experiment` whose last model is the
+            candidate (named `<model>__<k>`, k from 1) after the teachers it needs.
+    """
+
+    model: str
+    select: str
+    epsilon: float
+    min_clean: float
+    examples: int
+    steps: int
+    grid: dict
+    candidates: tuple
+
+
+def load_sweeps(path, profile=None):
+    """The experiment file's `[[sweeps]]`, each built into its validated candidates.
+
+    A sweep varies settings of one model entry (`"jacobian.input"`,
+    `"distill.temperature"`, `"neokd.alpha"`, `"adversary.epsilon"`, ...) or of
+    the recipe (`"train.epochs"`, `"train.learning_rate"`) over the Cartesian
+    product of its `grid`; `tinyrobust sweep` trains every candidate and
+    selects one by its accuracy on the validation split, never the test split.
+
+    Args:
+        path: the experiment file.
+        profile: the profile merged in, or None.
+
+    Returns:
+        A list of `Sweep`.
+
+    Raises:
+        ExperimentError: a malformed sweep, or a candidate the experiment's rules refuse (naming it).
+    """
+    raw, sweeps = _read(path, profile)
+    _experiment(raw, path, profile)
+    return _check_sweeps(sweeps, raw, path, profile)
+
+
+def _set_dotted(table, dotted, value):
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        if not isinstance(table.get(key), dict):
+            table[key] = {}
+        table = table[key]
+    table[keys[-1]] = value
+
+
+def _teachers_of(models, name):
+    """The names of the models `name` distils from, nearest last, that the file defines."""
+    by_name = {m.get("name"): m for m in models}
+    chain, current = [], by_name.get(name)
+    while current is not None and isinstance(current.get("distill"), dict):
+        teacher = current["distill"].get("teacher")
+        if teacher not in by_name or teacher in chain:
+            break
+        chain.insert(0, teacher)
+        current = by_name[teacher]
+    return chain
+
+
+def _check_sweeps(sweeps, raw, path, profile):
+    if not isinstance(sweeps, list) or not all(isinstance(s, dict) for s in sweeps):
+        raise ExperimentError(f"Expected `sweeps` to be an array of tables ([[sweeps]]). Received: sweeps={sweeps!r}")
+    built = []
+    names = [m.get("name") for m in raw.get("models", [])]
+    for i, entry in enumerate(sweeps):
+        where = f"sweeps[{i}]."
+        _unknown(where, entry, _SWEEP)
+        entry = {**_SWEEP_DEFAULTS, **entry}
+        if entry.get("model") not in names:
+            raise ExperimentError(f"`{where}model` must name a model of the file (models: {', '.join(map(str, names))})."
+                                  f" Received: {where}model={entry.get('model')!r}")
+        if entry["select"] not in SELECTIONS:
+            raise ExperimentError(f"Expected `{where}select` to be one of {', '.join(map(repr, SELECTIONS))}. "
+                                  f"Received: {where}select={entry['select']!r}")
+        low, high = data.info(raw.get("dataset")).input_range if raw.get("dataset") in data.NAMES else (0.0, 1.0)
+        if entry["select"] != "clean":
+            _number(f"{where}epsilon", entry.get("epsilon"), low=0, low_open=True, high=high - low)
+        if entry["select"] == "robust_with_clean":
+            _number(f"{where}min_clean", entry["min_clean"], low=0, high=1)
+        elif entry["min_clean"] is not None:
+            raise ExperimentError(f"`{where}min_clean` is the clean floor of select = 'robust_with_clean'. "
+                                  f"Received: {where}min_clean={entry['min_clean']!r}, select={entry['select']!r}")
+        _number(f"{where}examples", entry["examples"], low=1, integer=True)
+        _number(f"{where}steps", entry["steps"], low=1, integer=True)
+        grid = entry.get("grid")
+        if not isinstance(grid, dict) or not grid:
+            raise ExperimentError(f"Expected `{where}grid` to be a table of dotted keys and value lists. "
+                                  f"Received: {where}grid={grid!r}")
+        for key, values in grid.items():
+            head, _, rest = key.partition(".")
+            if not (head in _SWEEPABLE or (head == "train" and rest in _TRAIN and "." not in rest)):
+                raise ExperimentError(f"`{where}grid` varies a model's {', '.join(sorted(_SWEEPABLE))} or a "
+                                      f"`train.<key>`. Received: {where}grid.{key!r}")
+            if not isinstance(values, list) or not values:
+                raise ExperimentError(f"Expected `{where}grid.{key}` to be a non-empty list of values. "
+                                      f"Received: {where}grid.{key}={values!r}")
+        model = next(m for m in raw["models"] if m.get("name") == entry["model"])
+        teachers = [copy.deepcopy(m) for m in raw["models"] if m.get("name") in _teachers_of(raw["models"],
+                                                                                              entry["model"])]
+        keys = list(grid)
+        candidates = []
+        for k, values in enumerate(itertools.product(*(grid[key] for key in keys)), start=1):
+            settings = dict(zip(keys, values))
+            candidate, experiment = copy.deepcopy(model), copy.deepcopy(raw)
+            candidate["name"] = f"{entry['model']}__{k}"
+            for key, value in settings.items():
+                _set_dotted(experiment if key.startswith("train.") else candidate, key, value)
+            experiment["models"] = [*teachers, candidate]
+            try:
+                candidates.append((settings, _experiment(experiment, path, profile)))
+            except ExperimentError as error:
+                raise ExperimentError(f"`{where}grid` candidate {k} {settings}: {error}") from None
+        built.append(Sweep(entry["model"], entry["select"], float(entry.get("epsilon") or 0.0), entry["min_clean"],
+                           entry["examples"], entry["steps"], grid, tuple(candidates)))
+    return built

@@ -577,6 +577,38 @@ def run(config, out_dir, command="", verbose=True, fresh=False):
     return all_results
 
 
+def train_all(config, out_dir, verbose=True, fresh=False):
+    """Trains (or reuses) every model of one seed's experiment in `out_dir`, and evaluates nothing.
+
+    The run folder is locked and checked as `run` does: trained models and
+    checkpoints made with other settings stop it before any work, unless
+    `fresh` deletes them. `tinyrobust sweep` trains its candidates this way.
+
+    Args:
+        config: the experiment (one seed).
+        out_dir: output folder.
+        verbose: print progress.
+        fresh: delete the models' earlier work first.
+
+    Returns:
+        `{name: (model, training seconds)}` in the experiment's order (the student or the network a
+        distiller or NEO-KD trainer trains).
+    """
+    say = _Say(verbose)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trained = {}
+    with _lock(out):
+        if fresh:
+            _delete_earlier_work(config, out, say)
+        else:
+            _check_earlier_work(config, out)
+        for spec in config.models:
+            say(f"{spec.name}: training {spec.architecture} ({spec.quantization}) on {config.dataset}")
+            trained[spec.name] = train(config, spec, out, verbose)
+    return trained
+
+
 @contextlib.contextmanager
 def _lock(out):
     """Holds `out/.lock` (this process's id) for the run; a second run into a folder in use stops at once.
