@@ -153,6 +153,30 @@ def profile_seconds(rows):
     return total
 
 
+def time_split(rows):
+    """Where a profile's time goes, per model: hours of training, evaluation, export and deployed evaluation,
+    summed over seeds (training and export counted once per seed, as `profile_seconds` counts them).
+
+    Returns:
+        `{model: {"train", "evaluate", "export", "deployed"}}` in hours; `deployed` is None for a model whose
+        records predate its own timing (their `export` then holds both).
+    """
+    split, counted = {}, set()
+    for r in rows:
+        wall, name = r["wall_time_s"], r["model"]["name"]
+        hours = split.setdefault(name, {"train": 0.0, "evaluate": 0.0, "export": 0.0, "deployed": 0.0})
+        hours["evaluate"] += (wall["evaluate"] or 0.0) / 3600
+        if wall.get("deployed") is None:
+            hours["deployed"] = None
+        elif hours["deployed"] is not None:
+            hours["deployed"] += wall["deployed"] / 3600
+        if (r.get("seed"), name) not in counted:
+            counted.add((r.get("seed"), name))
+            hours["train"] += (wall["train"] or 0.0) / 3600
+            hours["export"] += (wall["export"] or 0.0) / 3600
+    return split
+
+
 def hosts(rows):
     """The hosts that wrote a profile's results, with how many each wrote.
 
@@ -240,7 +264,7 @@ def main(argv=None):
     robust = _best_robust_stq(rows_by_experiment)
     times = [{"experiment": experiment, "results": len(rows), "seeds": sorted({r.get("seed") for r in rows}),
               "hours": profile_seconds(rows) / 3600, "budget_hours": BUDGET_HOURS.get(args.profile),
-              "hosts": hosts(rows)}
+              "hosts": hosts(rows), "split": time_split(rows)}
              for experiment, rows in rows_by_experiment.items() if rows]
     record = {"command": "benchmarks/paper_claims.py " + " ".join(argv), "profile": args.profile,
               "claims": checked, "quality_targets": targets, "time": times,
@@ -280,6 +304,14 @@ def main(argv=None):
         lines.append(f"| {t['experiment']} | {t['results']} | {', '.join(map(str, t['seeds']))} | {t['hours']:.2f} | "
                      f"{'-' if budget is None else f'{budget} h'} | {within} | "
                      f"{'; '.join(f'{h}: {n}' for h, n in t['hosts'].items())} |")
+    lines += ["", "Where the time goes (hours per model, summed over seeds; `-`: records from before the deployed "
+              "evaluation was timed on its own, whose export column holds both):", "",
+              "| experiment | model | train | evaluate | export | deployed |", "| --- | --- | --- | --- | --- | --- |"]
+    for t in times:
+        for model, hours in t["split"].items():
+            deployed = "-" if hours["deployed"] is None else f"{hours['deployed']:.2f}"
+            lines.append(f"| {t['experiment']} | {model} | {hours['train']:.2f} | {hours['evaluate']:.2f} | "
+                         f"{hours['export']:.2f} | {deployed} |")
     lines += ["", f"Command: `{record['command']}`"]
     (out / f"paper_claims_{args.profile}.md").write_text("\n".join(lines) + "\n")
     if args.readme:

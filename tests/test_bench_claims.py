@@ -207,3 +207,18 @@ def test_the_paper_claims_cover_every_radius_of_each_full_profile():
         assert radii, experiment
         for key, found in radii.items():
             assert found == {str(eps) for eps in epsilons}, (experiment, key)
+
+
+def test_the_time_of_a_profile_splits_into_its_stages_per_model():
+    script = load_benchmark("paper_claims")
+
+    def row(model, seed, norm, deployed):
+        return {"model": {"name": model}, "seed": seed, "threat_model": {"norm": norm},
+                "wall_time_s": {"train": 3600.0, "evaluate": 1800.0, "export": 360.0, "deployed": deployed}}
+
+    rows = [row("a", 0, "linf", 720.0), row("a", 0, "l2", 720.0), row("a", 1, "linf", 720.0),
+            row("old", 0, "linf", None)]
+    split = script.time_split(rows)
+    # Training and export once per seed; evaluation and the deployed evaluation once per threat model.
+    assert split["a"] == pytest.approx({"train": 2.0, "evaluate": 1.5, "export": 0.2, "deployed": 0.6})
+    assert split["old"]["deployed"] is None and split["old"]["export"] == pytest.approx(0.1)

@@ -172,7 +172,9 @@ class WallTime:
 
     train: Optional[float] = _field("training")
     evaluate: Optional[float] = _field("attacks and checks on the Keras model")
-    export: Optional[float] = _field("export and deployed evaluation")
+    export: Optional[float] = _field("export (in records without `deployed`: export and deployed evaluation)")
+    deployed: Optional[float] = _field("the deployed artifact's evaluation (absent in records from before it)",
+                                       None)
 
 
 @dataclasses.dataclass(frozen=True)
