@@ -328,3 +328,41 @@ def test_carlini_wagner_steps_in_input_units(half_width):
     found = np.sqrt(((x_adv - x) ** 2).sum(axis=1))
     assert np.all((x_adv @ weights).argmax(axis=1) != y)
     np.testing.assert_array_less(found, 1.05 * minimum)  # the old step: up to 1.48x
+
+
+def test_a_call_with_the_wrong_input_shape_is_refused_before_tracing_and_later_calls_work():
+    """keras.datasets gives (N, 28, 28): refused naming the model's shape, and the model's next attack call with
+    (N, 28, 28, 1) works (a traced wrong shape once broke every later call with 'as_list() is not defined')."""
+    model = tr.models.small_cnn(width=4)
+    x, y = tr.data.load_arrays("fashion_mnist", "test", limit=8)
+    attack = tr.attacks.PGD(0.05, steps=2)
+    with pytest.raises(ValueError, match=r"Expected inputs of shape \(N, 28, 28, 1\) .*Received: x with shape \(8, 28, 28\)"):
+        attack(model, x[..., 0], y)
+    assert attack(model, x, y).shape == x.shape
+    assert tr.attacks.FGSM(0.05)(model, x[:3], y[:3]).shape == (3, 28, 28, 1)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: tr.attacks.FGSM(8), "at most the width of the input range .*Received: eps=8"),
+    (lambda: tr.attacks.PGD([0.1, 2.0]), "Received: eps=2.0"),
+    (lambda: tr.attacks.PGD(0.1, targeted="no"), "Received: targeted='no'"),
+    (lambda: tr.attacks.PGD(0.1, random_start="no"), "Received: random_start='no'"),
+    (lambda: tr.AdversarialTraining("pgd", epsilon=8), "Received: epsilon=8"),
+    (lambda: tr.attacks.ThreatModel("linf", 1.5), "Received: epsilon=1.5"),
+])
+def test_the_api_refuses_what_the_bench_refuses(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_large_l2_radii_and_wide_input_ranges_stay_allowed():
+    assert tr.attacks.PGD(3.0, norm="l2").epsilons == (3.0,)
+    assert tr.attacks.FGSM(8, input_range=(0, 255)).epsilons == (8.0,)
+
+
+def test_labels_outside_the_models_classes_are_refused():
+    model = tr.models.small_cnn(width=4)
+    x, y = tr.data.load_arrays("fashion_mnist", "test", limit=4)
+    for attack in (tr.attacks.PGD(0.05, steps=1), tr.attacks.Square(0.05, queries=5)):
+        with pytest.raises(ValueError, match=r"class labels in \[0, 10\)"):
+            attack(model, x, y + 10)

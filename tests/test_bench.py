@@ -139,6 +139,12 @@ attacks = { fgsm = { type = "FGSM" } }
          "in the backbone's order"),
         (BASE.replace('options = { width = 4 }', 'exits = { layers = ["relu_1"], head = "mlp" }'),
          "exits.head='mlp'"),
+        (BASE.replace('attacks = { fgsm = { type = "FGSM" } }', 'attacks = { pgd = { type = "PGD", norm = "l2" } }'),
+         "An attack's norm comes from its threat model"),
+        (BASE.replace('attacks = { fgsm = { type = "FGSM" } }',
+                      'attacks = { pgd = { type = "PGD", random_start = "no" } }'), "random_start='no'"),
+        (BASE.replace('attacks = { fgsm = { type = "FGSM" } }', 'attacks = { pgd = { type = "PGD", targeted = "no" } }'),
+         "targeted='no'"),
     ],
 )
 def test_invalid_experiment_fails_before_work_naming_the_key(tmp_path, text, message):

@@ -16,7 +16,7 @@ from tinyrobust import models
 from tinyrobust.attacks import kernels
 from tinyrobust.attacks.base import Attack
 from tinyrobust.training import Objective, RobustModel, Untracked, input_adversary
-from tinyrobust.validation import check_choice, check_number
+from tinyrobust.validation import check_bool, check_choice, check_number
 
 __all__ = ["EarlyExitResult", "MultiExitPGD", "NEOKD", "attach_exits", "early_exit", "exit_accuracies", "exit_macs",
            "final_exit", "multi_exit_attack", "neokd_loss", "orthogonal_classes"]
@@ -237,7 +237,7 @@ class MultiExitPGD(Attack):
         self.target = target
         self.steps = check_number("steps", steps, low=1, integer=True)
         self.rel_step_size = check_number("rel_step_size", rel_step_size, low=0, low_open=True)
-        self.random_start = bool(random_start)
+        self.random_start = check_bool("random_start", random_start)
         self.success_exit = int(success_exit)
 
     def _build(self, model):

@@ -20,7 +20,7 @@ from tinyrobust import models
 from tinyrobust.attacks import kernels
 from tinyrobust.attacks.threat import ThreatModel
 from tinyrobust.jacobian import INPUT, JacobianRegularizer, jacobian_norms
-from tinyrobust.validation import check_choice, check_number
+from tinyrobust.validation import check_bool, check_choice, check_number
 
 __all__ = ["AdversarialTraining", "CrossEntropy", "Objective", "RobustModel", "Step"]
 
@@ -476,7 +476,7 @@ class RobustModel(keras.Model):
         self.jacobian = _deserialize(jacobian, JacobianRegularizer)
         self.adversary = _deserialize(adversary, AdversarialTraining)
         self.objective = CrossEntropy() if objective is None else _deserialize(objective, Objective)
-        self.clean_metrics = bool(clean_metrics)
+        self.clean_metrics = check_bool("clean_metrics", clean_metrics)
         if len(self.outputs) != 1 and (self.jacobian is not None or isinstance(self.objective, CrossEntropy)):
             raise ValueError("A RobustModel with cross-entropy or Jacobian terms needs exactly one output (the "
                              f"logits); multi-exit models train with `multiexit.NEOKD`. Received: {len(self.outputs)} "

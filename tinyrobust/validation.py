@@ -3,7 +3,7 @@ the argument and the value received (`Received: name=value`)."""
 
 import numpy as np
 
-__all__ = ["check_choice", "check_labels", "check_number", "check_range"]
+__all__ = ["check_bool", "check_choice", "check_labels", "check_number", "check_range"]
 
 
 def check_number(name, value, low=None, high=None, low_open=False, high_open=False, integer=False):
@@ -46,6 +46,17 @@ def check_range(input_range, name="input_range"):
     if low is None or not low < high:
         raise ValueError(f"Expected `{name}` to be (low, high) with low < high. Received: {name}={input_range!r}")
     return (low, high)
+
+
+def check_bool(name, value):
+    """Returns `value` if it is True or False (not a string such as "no", which `bool` would make True).
+
+    Raises:
+        ValueError: naming the argument and the value.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"Expected `{name}` to be True or False. Received: {name}={value!r}")
+    return bool(value)
 
 
 def check_choice(name, value, allowed):

@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from tinyrobust.attacks import kernels
-from tinyrobust.attacks.threat import ThreatModel
+from tinyrobust.attacks.threat import ThreatModel, check_epsilon
 from tinyrobust.validation import check_choice, check_labels, check_number, check_range
 
 
@@ -37,6 +37,21 @@ def logits_function(model):
         fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
         object.__setattr__(model, "_tinyrobust_logits", fn)  # untracked by Keras; not saved
     return fn
+
+
+def input_shape_of(model):
+    """The shape of one input a model takes (a tuple, None where any size goes), or None when unknown (a plain
+    callable)."""
+    inputs = getattr(model, "inputs", None) if isinstance(model, keras.Layer) else None
+    return tuple(inputs[0].shape[1:]) if inputs else None  # other callables (e.g. TFLiteModel) check their own
+
+
+def classes_of(model):
+    """The number of classes (logits of the last output) of a model, or None when unknown."""
+    outputs = getattr(model, "outputs", None) if isinstance(model, keras.Layer) else None
+    if outputs:
+        return outputs[-1].shape[-1]
+    return getattr(model, "num_classes", None)
 
 
 def per_example_norm(t, norm):
@@ -106,8 +121,12 @@ class Attack:
     def __init__(self, eps, norm="linf", targeted=False, input_range=(0.0, 1.0), seed=0):
         self.epsilons = check_epsilons(eps)
         self.norm = check_choice("norm", norm, self.norms)
-        self.targeted = bool(targeted)
+        if not isinstance(targeted, bool):
+            raise ValueError(f"Expected `targeted` to be True or False. Received: targeted={targeted!r}")
+        self.targeted = targeted
         self.input_range = check_range(input_range)
+        for value in self.epsilons:
+            check_epsilon(value, self.norm, self.input_range, name="eps")
         self.seed = check_number("seed", seed, low=0, integer=True)
         self._compiled = {}
 
@@ -143,10 +162,17 @@ class Attack:
         return AttackResult(self.epsilons, advs, successes, None if all(q is None for q in queries) else queries)
 
     def _inputs(self, model, x, y):
-        """`(x, y)` checked: float32 inputs within the input range, one int32 label per input."""
+        """`(x, y)` checked before anything is traced: float32 inputs of the model's input shape within the
+        input range, one int32 label per input, within the model's classes."""
         x = np.asarray(x, dtype="float32")
         if x.ndim == 0 or len(x) == 0:
             raise ValueError(f"Expected a non-empty batch of inputs. Received: x with shape {x.shape}")
+        expected = input_shape_of(model)
+        if expected is not None and (len(expected) != x.ndim - 1 or any(
+                e is not None and e != d for e, d in zip(expected, x.shape[1:]))):
+            shown = "(N, " + ", ".join("?" if e is None else str(e) for e in expected) + ")"
+            raise ValueError(f"Expected inputs of shape {shown} for model {getattr(model, 'name', model)!r}. "
+                             f"Received: x with shape {x.shape}")
         if not np.all(np.isfinite(x)):
             raise ValueError("Expected finite inputs. Received: x with NaN or inf")
         low, high = self.input_range
@@ -157,7 +183,7 @@ class Attack:
             if self.targeted:
                 raise ValueError("A targeted attack needs target labels. Received: y=None")
             y = labels_of(predict(model, x))
-        return x, check_labels(y, n=len(x))
+        return x, check_labels(y, n=len(x), num_classes=classes_of(model))
 
     def at(self, eps):
         """The same attack at the single radius `eps` (sharing its compiled functions)."""

@@ -17,7 +17,7 @@ from tinyrobust.attacks.base import (
     logits_function,
     predict,
 )
-from tinyrobust.validation import check_number
+from tinyrobust.validation import check_bool, check_number
 
 __all__ = ["PGD", "FGSM", "MIM", "APGD", "APGDTargeted", "CarliniWagnerL2", "DeepFool"]
 
@@ -45,7 +45,7 @@ class PGD(Attack):
         self.steps = check_number("steps", steps, low=1, integer=True)
         self.step_size = None if step_size is None else check_number("step_size", step_size, low=0, low_open=True)
         self.rel_step_size = check_number("rel_step_size", rel_step_size, low=0, low_open=True)
-        self.random_start = bool(random_start)
+        self.random_start = check_bool("random_start", random_start)
         self.restarts = check_number("restarts", restarts, low=1, integer=True)
         self.momentum = None if momentum is None else check_number("momentum", momentum, low=0)
 

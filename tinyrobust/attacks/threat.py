@@ -5,7 +5,20 @@ import keras
 from tinyrobust.attacks import kernels
 from tinyrobust.validation import check_choice, check_number, check_range
 
-__all__ = ["ThreatModel"]
+__all__ = ["ThreatModel", "check_epsilon"]
+
+
+def check_epsilon(epsilon, norm, input_range, name="epsilon"):
+    """A radius checked against its threat model: finite, at least 0 and, for L-inf, at most the width of the
+    input range (a larger ball holds every input: the attack is then unbounded, which is a typo, e.g. 8 for
+    8/255)."""
+    low, high = input_range
+    check_number(name, epsilon, low=0)
+    if norm == "linf" and epsilon > high - low:
+        raise ValueError(f"Expected `{name}` to be at most the width of the input range {tuple(input_range)}, "
+                         f"{high - low:g}: a larger L-inf ball holds every input (8 for 8/255?). "
+                         f"Received: {name}={epsilon!r}")
+    return epsilon
 
 
 @keras.saving.register_keras_serializable(package="tinyrobust")
@@ -25,8 +38,8 @@ class ThreatModel:
 
     def __init__(self, norm="linf", epsilon=8 / 255, input_range=(0.0, 1.0)):
         self.norm = check_choice("norm", norm, kernels.NORMS)
-        self.epsilon = float(check_number("epsilon", epsilon, low=0))
         self.input_range = check_range(input_range)
+        self.epsilon = float(check_epsilon(epsilon, self.norm, self.input_range))
 
     def _eps(self, epsilon):
         return self.epsilon if epsilon is None else epsilon

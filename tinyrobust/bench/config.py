@@ -257,12 +257,12 @@ def _check_models(config):
             if adversary.get("method") not in training.METHODS:
                 raise ExperimentError(f"Expected `adversary.method` to be one of {', '.join(training.METHODS)}. "
                                       f"Received: {where}adversary.method={adversary.get('method')!r}")
-            try:  # the adversary's own rules (e.g. `noise` only for N-FGSM), before any model trains
-                training.AdversarialTraining(**adversary)
-            except (TypeError, ValueError) as error:
-                raise ExperimentError(f"`{where}adversary` does not build: {error}") from None
             low, high = data.info(config["dataset"]).input_range
             _number(f"{where}adversary.epsilon", adversary.get("epsilon"), low=0, low_open=True, high=high - low)
+            try:  # the adversary's own rules (e.g. `noise` only for N-FGSM), before any model trains
+                training.AdversarialTraining(input_range=(low, high), **adversary)
+            except (TypeError, ValueError) as error:
+                raise ExperimentError(f"`{where}adversary` does not build: {error}") from None
         if model.get("seeds") is not None:
             _check_model_seeds(where, model["seeds"], config["seeds"])
         if model.get("distill") is not None:
@@ -533,6 +533,9 @@ def build_attack(spec, norm, epsilons, input_range, seed):
     """The attack object of one `[threat_models.<norm>.attacks.<name>]` entry."""
     cls = ATTACKS[spec["type"]]
     kwargs = {k: v for k, v in spec.items() if k != "type"}
+    if "norm" in kwargs and kwargs["norm"] != norm:  # the column would name one threat model and measure another
+        raise ExperimentError(f"An attack's norm comes from its threat model ([threat_models.{norm}]): remove its "
+                              f"`norm`. Received: {spec['type']} with norm={kwargs['norm']!r}")
     if "norm" in inspect.signature(cls.__init__).parameters:
         kwargs.setdefault("norm", norm)
     elif _ONLY_NORM.get(spec["type"], norm) != norm:
