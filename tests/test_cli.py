@@ -47,3 +47,43 @@ def test_recorded_command_is_shell_quoted(monkeypatch, tmp_path):
     out = tmp_path / "a b"
     assert cli.main(["bench", "my experiment.toml", "--out", str(out), "--quiet"]) == 0
     assert seen["command"] == f"tinyrobust bench 'my experiment.toml' --out '{out}' --quiet"
+
+
+def _console_script(*args, env=None):
+    """Runs the installed `tinyrobust` console script (its own process, as a user would)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(sys.executable).with_name("tinyrobust")
+    environment = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=300,
+                          env={**environment, **(env or {})})
+
+
+def test_help_prints_only_the_usage_and_does_not_load_tensorflow():
+    out = _console_script("--help", env={"PYTHONVERBOSE": "1"})  # every import is listed on stderr
+    assert out.returncode == 0 and out.stdout.startswith("usage: tinyrobust")
+    assert "import 'tensorflow'" not in out.stderr and "import 'keras'" not in out.stderr
+
+
+def test_a_command_starts_without_tensorflows_noise_unless_asked():
+    quiet = _console_script("report", "/no/such/folder")
+    assert quiet.returncode == 2
+    assert quiet.stderr.strip().splitlines() == ["tinyrobust report: No result files (schema version 1) under "
+                                                 "'/no/such/folder'"]
+    asked = _console_script("report", "/no/such/folder", env={"TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert asked.returncode == 2 and len(asked.stderr.strip().splitlines()) > 1  # TensorFlow's own lines
+
+
+def test_export_refuses_a_bad_name_before_writing_anything(tmp_path, capsys):
+    model = tr.models.small_cnn(width=4)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    out = tmp_path / "out"
+    assert cli.main(["export", str(path), "--out", str(out), "--name", "my-model"]) == 2
+    assert "Received: name='my-model'" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli.main(["export", str(path), "--out", str(out), "--name", "../escape"]) == 2
+    assert not out.exists() and not (tmp_path / "escape.tflite").exists()

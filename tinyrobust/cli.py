@@ -1,6 +1,7 @@
 """The `tinyrobust` command line."""
 
 import argparse
+import importlib
 import os
 import pathlib
 import shlex
@@ -9,10 +10,30 @@ import time
 
 
 def _quiet_tensorflow():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf
+    """Imports TensorFlow without its start-up noise, then the package.
 
+    TensorFlow 2.21 writes its oneDNN, CUDA-stub and absl lines (and on a
+    CPU-only machine a cuInit error) to the process's stderr while it imports
+    and first lists devices, whatever `TF_CPP_MIN_LOG_LEVEL` says; that output
+    is captured and dropped. A user who set `TF_CPP_MIN_LOG_LEVEL` to 0 or 1
+    asked for TensorFlow's messages and gets them.
+    """
+    wanted = os.environ.get("TF_CPP_MIN_LOG_LEVEL") in ("0", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if wanted:
+        import tensorflow as tf
+    else:
+        from tinyrobust._silence import captured_output
+
+        with captured_output():
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
     tf.get_logger().setLevel("ERROR")  # retracing notices from per-shape attack functions
+    import tinyrobust
+
+    for name in tinyrobust._SUBMODULES:  # every class registered, so saved tinyrobust models load
+        importlib.import_module(f"tinyrobust.{name}")
 
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
@@ -87,11 +108,17 @@ def _export(args):
     model_path = pathlib.Path(args.model)
     if not model_path.is_file():
         raise FileNotFoundError(f"No model at {args.model!r}. Received: model={args.model!r}")
+    name = tr.export.c_array.check_identifier(args.name or model_path.stem.replace("-", "_").replace(".", "_"))
+    out = pathlib.Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"The output folder is a file. Received: out={args.out!r}")
+    for option in ("calibration_size", "parity_size"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"Expected --{option.replace('_', '-')} to be at least 1. "
+                             f"Received: {option}={getattr(args, option)}")
     model = keras.saving.load_model(model_path)
     calibration, indices = tr.data.calibration_set(args.dataset, size=args.calibration_size, seed=args.seed)
     x_test, y_test = tr.data.load_arrays(args.dataset, "test", limit=args.parity_size)
-    out = pathlib.Path(args.out)
-    name = args.name or model_path.stem.replace("-", "_").replace(".", "_")
     record = {"model": str(model_path), "dataset": args.dataset, "calibration_indices": [int(i) for i in indices]}
     path, report = tr.export.export_and_verify(model, out, name, calibration, (x_test, y_test), record=record,
                                                compress=args.compress)
@@ -163,10 +190,10 @@ def build_parser():
 
 def main(argv=None):
     """Runs the command line; returns the exit code."""
-    _quiet_tensorflow()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and argument errors end here, before TensorFlow loads
     args.argv = argv
+    _quiet_tensorflow()
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as error:

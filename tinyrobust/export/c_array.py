@@ -10,10 +10,20 @@ from tinyrobust.export.tflite import TFLiteModel
 _ALIGNMENT = 16
 
 
-def _identifier(name):
+def check_identifier(name):
+    """Returns `name` if it is a C identifier (letters, digits and underscores, not starting with a digit): the
+    array's name and the exported files' base name, so no path either.
+
+    Raises:
+        ValueError: naming the value received.
+    """
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-        raise ValueError(f"Expected `name` to be a C identifier. Received: name={name!r}")
+        raise ValueError(f"Expected `name` to be a C identifier (letters, digits and underscores, not starting with "
+                         f"a digit; e.g. my_model for my-model). Received: name={name!r}")
     return name
+
+
+_identifier = check_identifier
 
 
 def to_c_array(tflite_path, out_dir, name="model"):

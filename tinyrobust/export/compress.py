@@ -20,7 +20,7 @@ import tempfile
 
 import numpy as np
 
-from tinyrobust.export._silence import captured_output
+from tinyrobust._silence import captured_output
 from tinyrobust.files import write_json
 
 TFLITE_MICRO_VERSION = "0.dev20261023182759"

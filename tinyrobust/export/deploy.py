@@ -3,7 +3,7 @@
 import pathlib
 
 from tinyrobust import files
-from tinyrobust.export.c_array import to_c_array
+from tinyrobust.export.c_array import check_identifier, to_c_array
 from tinyrobust.export.compress import CompressionReport
 from tinyrobust.export.parity import verify
 from tinyrobust.export.tflite import compression_report_path, to_tflite
@@ -32,6 +32,7 @@ def export_and_verify(model, out_dir, name, representative_data, validation_data
     Returns:
         `(tflite path, ParityReport)`.
     """
+    check_identifier(name)  # before anything is written
     out_dir = pathlib.Path(out_dir)
     say = print if verbose else (lambda *_, **__: None)
     steps = "int8 conversion, compression (bit-exact check)" if compress else "int8 conversion"

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tinyrobust.export._silence import captured_output
+from tinyrobust._silence import captured_output
 from tinyrobust.export.fold import fold_model
 from tinyrobust.files import write_atomically
 from tinyrobust.validation import check_choice, check_number
