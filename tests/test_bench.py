@@ -244,6 +244,12 @@ def test_smoke_run_end_to_end_resumes_and_reports(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "flash KB" in report and "ideal packed KB" in report and "| test split | clean |" in report
     assert "clean accuracy on the whole test split (10,000 examples;" in report
+    # The terminal gets the short table (it fits 160 columns); report.md adds every attack column below it.
+    short = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert short[0] == ("| model | quant. | test split | clean | worst 0.02 | worst 0.05 | worst 0.1 | TFLM worst 0.02 | "
+                        "TFLM worst 0.05 | TFLM worst 0.1 | flash KB | arena KB |")
+    assert max(len(line) for line in short) <= 160 and "pgd 0.1" not in short[0]
+    assert "Every column" in report and " pgd 0.1 |" in report
     assert "| stq_jr | stq |" in report and "accuracy_vs_eps_linf_pgd.png" in report
     assert (out / "plots" / "accuracy_vs_size_linf.png").stat().st_size > 1000
 

@@ -48,9 +48,9 @@ def _bench(args):
     out = pathlib.Path(args.out or pathlib.Path("runs") / config.name / (args.profile or "base"))
     command = shlex.join(["tinyrobust", *args.argv])  # quoted: it can be pasted into a shell
     start = time.perf_counter()
-    bench.run(config, out, command=command, verbose=not args.quiet, fresh=args.fresh)
-    print("\n" + (out / "report.md").read_text())
-    print(f"Results: {out / 'results'}  Report: {out / 'report.md'}  Plots: {out / 'plots'}  "
+    results = bench.run(config, out, command=command, verbose=not args.quiet, fresh=args.fresh)
+    print("\n" + bench.table(results))
+    print(f"Results: {out / 'results'}  Report (every attack column): {out / 'report.md'}  Plots: {out / 'plots'}  "
           f"({time.perf_counter() - start:.0f} s)")
     return 0
 
@@ -88,7 +88,7 @@ def _report(args):
 
     results = bench.read_all(args.folder)
     path = runner.write_report(results, args.folder)
-    print(bench.table(results))
+    print(bench.table(results, wide=args.wide))
     print(f"Wrote {path} and {pathlib.Path(args.folder) / 'plots'}")
     return 0
 
@@ -167,6 +167,7 @@ def build_parser():
     demo.set_defaults(run=_demo)
     report = commands.add_parser("report", help="rebuild report.md and plots from the result JSON files in FOLDER")
     report.add_argument("folder")
+    report.add_argument("--wide", action="store_true", help="also print the table of every attack column")
     report.set_defaults(run=_report)
     compare = commands.add_parser("compare", help="show two result folders side by side")
     compare.add_argument("a")

@@ -129,16 +129,39 @@ def _label(result, seeds):
     return name if len(seeds) == 1 else f"{name} (seed {result['seed']})"
 
 
-def table(results):
+SHORT = ("model", "quant.", "test split", "clean", "worst", "TFLM worst", "flash KB", "arena KB")
+
+
+def _short(header, lines):
+    """The columns of `SHORT` (per eps where they have one) out of a full table's header and rows."""
+    keep = [i for i, name in enumerate(header)
+            if name in SHORT or name.rsplit(" ", 1)[0] in ("worst", "TFLM worst")]
+    return [[row[i] for i in keep] for row in [header, *lines]]
+
+
+def _markdown(rows):
+    header, *body = rows
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header), *("| " + " | ".join(r) + " |" for r in body)]
+
+
+def table(results, wide=False):
     """Markdown tables, one per threat model, in the layout of the papers.
 
-    Rows are models; columns are clean accuracy on the whole test split and
-    on the attacked examples, each attack at each eps, the
-    worst case per eps, the deployed (TFLite Micro) model's clean and
-    transfer/Square accuracy, and sizes: flash and arena bytes of the shipped
-    file, flash bytes of the plain int8 file, and the ideal packed weight
-    count. Accuracies in percent; a model run with several seeds shows
-    mean ± sample standard deviation over them.
+    The short table (what fits a terminal): per model, clean accuracy on the
+    whole test split and on the attacked examples, the worst case per eps,
+    the deployed (TFLite Micro) file's worst case, and its flash and arena
+    kilobytes. With `wide`, a second table adds every column: each attack at
+    each eps, the deployed file's clean and per-attack accuracy, the plain
+    int8 file's flash and the ideal packed weight bytes. Accuracies in
+    percent; a model run with several seeds shows mean ± sample standard
+    deviation over them.
+
+    Args:
+        results: result dicts.
+        wide: add the table of every column.
+
+    Returns:
+        Markdown text.
     """
     sections = []
     for norm in sorted({r["threat_model"]["norm"] for r in results}):
@@ -156,9 +179,9 @@ def table(results):
         header += [f"TFLM worst {e}" for e in deployed_epsilons]
         header += ["flash KB", "arena KB", "int8 flash KB", "ideal packed KB"]
         seed_note = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean ± std over seeds {', '.join(map(str, seeds))}"
-        lines = [f"### {rows[0]['experiment']} ({rows[0]['dataset']}, {norm}, {rows[0]['threat_model']['examples']} "
-                 f"test examples, profile {rows[0].get('profile') or 'base'}, {seed_note})", "",
-                 "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        title = (f"### {rows[0]['experiment']} ({rows[0]['dataset']}, {norm}, {rows[0]['threat_model']['examples']} "
+                 f"test examples, profile {rows[0].get('profile') or 'base'}, {seed_note})")
+        body = []
         for group in groups:
             first = group[0]
             d = _deployed(first)
@@ -181,7 +204,10 @@ def table(results):
                       "-" if not d else f"{d['arena_bytes'] / 1024:.1f}",
                       "-" if not d else f"{d.get('int8_model_bytes', d['model_bytes']) / 1024:.1f}",
                       f"{first['model']['packed_bytes'] / 1024:.1f}"]
-            lines.append("| " + " | ".join(cells) + " |")
+            body.append(cells)
+        lines = [title, "", *_markdown(_short(header, body))]
+        if wide:
+            lines += ["", "Every column (accuracy in %, sizes in KB):", "", *_markdown([header, *body])]
         # Flags by name: a report rebuilt from the JSON files (written with sorted keys) matches the run's own.
         flagged = [f"- {_label(r, seeds)}: {flag}: {message}" for r in rows
                    for flag, message in sorted(r["checks"].items())]

@@ -820,7 +820,7 @@ def write_report(all_results, out):
     """Writes `report.md` and `plots/*.png` from result dicts; returns the report path."""
     out = pathlib.Path(out)
     plots = results_lib.plots(all_results, out / "plots")
-    text = results_lib.table(all_results)
+    text = results_lib.table(all_results, wide=True)
     text += "\nPlots: " + ", ".join(str(p.relative_to(out)) for p in plots) + "\n"
     commands = sorted({r["command"] for r in all_results if r["command"]})
     if commands:
