@@ -799,3 +799,35 @@ enabled = false
     assert "exit_1_conv" in {layer.name for layer in trained.layers}
     assert results["exits"]["model"]["adversary"] == {"method": "grad_align", "epsilon": 0.05, "align_weight": 0.5}
     assert keras.saving.load_model(tmp_path / "run" / "models" / "nfgsm_jr.keras").jacobian.batch_fraction == 0.25
+
+
+def test_training_history_is_kept_beside_each_model_and_plotted(tmp_path):
+    text = BASE + "\n[train]\nepochs = 2\nlimit = 64\n[export]\nenabled = false\n"
+    bench.run(bench.load(_write(tmp_path, text)), tmp_path / "run", verbose=False)
+    history = results_lib.read_history(tmp_path / "run" / "models" / "m.history.csv")
+    assert history["epoch"] == [1, 2] and len(history["loss"]) == 2 and len(history["accuracy"]) == 2
+    events = list((tmp_path / "run" / "logs" / "m").rglob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)  # TensorBoard logs, readable by `tensorboard`
+    assert (tmp_path / "run" / "plots" / "training_m.png").stat().st_size > 1000
+    assert "training_m.png" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_a_history_with_an_epoch_written_twice_keeps_its_last_values(tmp_path):
+    path = tmp_path / "h.csv"
+    path.write_text("epoch,loss\n0,2.0\n1,1.5\n1,1.4\nepoch,loss\n2,1.0\n")
+    assert results_lib.read_history(path) == {"epoch": [1, 2, 3], "loss": [2.0, 1.4, 1.0]}
+
+
+def test_fresh_deletes_exactly_the_models_own_files(tmp_path):
+    """`--models a --fresh` once also deleted model `a.b`'s files (a glob `a.*`)."""
+    text = BASE.replace('name = "m"', 'name = "a"') + BASE[BASE.index("[[models]]"):BASE.index("[threat_models")].replace(
+        'name = "m"', 'name = "a.b"') + "\n[train]\nlimit = 32\n[export]\nenabled = false\n"
+    text = text.replace(BASE[BASE.index("[threat_models"):], "", 1) + BASE[BASE.index("[threat_models"):]
+    config = bench.load(_write(tmp_path, text))
+    assert [m.name for m in config.models] == ["a", "a.b"]
+    out = tmp_path / "run"
+    bench.run(config, out, verbose=False)
+    kept = {p.name for p in (out / "models").iterdir() if p.name.startswith("a.b.")}
+    assert "a.b.keras" in kept
+    bench.run(bench.select_models(config, ["a"]), out, verbose=False, fresh=True)
+    assert {p.name for p in (out / "models").iterdir() if p.name.startswith("a.b.")} == kept

@@ -5,6 +5,7 @@ The format of `results/<model>__<norm>.json` is the typed record
 JSON Schema, `benchmarks/results/result.schema.json`, is generated.
 """
 
+import csv
 import itertools
 import json
 import pathlib
@@ -295,6 +296,75 @@ def _multi_exit_table(rows, epsilons, seeds):
                                  f"{_percent(record['accuracy'])} ({record['relative_compute']:.2f})")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def read_history(path):
+    """A training history CSV (`keras.callbacks.CSVLogger`) as `{column: [value per epoch]}`, epochs in order; an
+    epoch written twice (trained again after an interruption) counts once, with its last values."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    def number(text):
+        try:
+            return float(text)
+        except (TypeError, ValueError):
+            return None  # Keras writes "NA" for a metric an epoch did not log
+
+    by_epoch = {}
+    for row in rows:
+        epoch = number(row.get("epoch"))
+        if epoch is None:
+            continue  # a header repeated by an appending run, or a line cut short
+        values = {k: number(v) for k, v in row.items() if k != "epoch" and k is not None}
+        by_epoch[int(epoch)] = {k: v for k, v in values.items() if v is not None}
+    epochs = sorted(by_epoch)
+    columns = sorted({k for values in by_epoch.values() for k in values})
+    return {"epoch": [e + 1 for e in epochs], **{c: [by_epoch[e].get(c) for e in epochs] for c in columns}}
+
+
+def training_curves(run_folder, folder):
+    """PNG plots of each trained model's per-epoch history (`models/<name>.history.csv`, one folder per seed):
+    its losses in one panel, its accuracies (and held-out robust accuracy) in the other.
+
+    Returns:
+        The list of PNG paths written (none for a folder without histories, e.g. committed results).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_folder, folder = pathlib.Path(run_folder), pathlib.Path(folder)
+    histories = sorted([*run_folder.glob("models/*.history.csv"), *run_folder.glob("seed_*/models/*.history.csv")])
+    written = []
+    for path in histories:
+        history = read_history(path)
+        if not history["epoch"]:
+            continue
+        name = path.name[: -len(".history.csv")]
+        seed = path.parent.parent.name if path.parent.parent.name.startswith("seed_") else None
+        figure, (losses, accuracies) = plt.subplots(1, 2, figsize=(9, 3.5))
+        for column, values in history.items():
+            if column == "epoch" or all(v is None for v in values):
+                continue
+            axis = accuracies if "accuracy" in column or column.startswith("held_out") else losses
+            if axis is losses and not (column == "loss" or column.endswith("loss") or column in _LOSS_TERMS):
+                continue  # schedules (learning rate, epsilon and noise scales) are not training curves
+            axis.plot(history["epoch"], values, marker="o", label=column)
+        for axis, label in ((losses, "loss"), (accuracies, "accuracy")):
+            axis.set(xlabel="epoch", ylabel=label)
+            if axis.lines:
+                axis.legend(fontsize="x-small")
+        figure.suptitle(f"{name}{f' ({seed})' if seed else ''}: training history")
+        figure.tight_layout()
+        target = folder / f"training_{name}{f'_{seed}' if seed else ''}.png"
+        folder.mkdir(parents=True, exist_ok=True)
+        figure.savefig(target, dpi=100)
+        plt.close(figure)
+        written.append(target)
+    return written
+
+
+_LOSS_TERMS = ("ce", "clean_ce", "robust_kl", "distill", "natural_kl", "nkd", "eokd", "jacobian", "grad_align")
 
 
 def plots(results, folder):

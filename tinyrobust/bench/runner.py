@@ -170,12 +170,18 @@ def _check_earlier_work(config, out):
 
 def _delete_earlier_work(config, out, say):
     """`--fresh`: removes every artifact of the experiment's models from `out` (other models' files stay)."""
+    norms = ("linf", "l2")
     for spec in config.models:
         name = spec.name
         stem = spec.file_name
-        doomed = [out / "checkpoints" / name, *(out / "models").glob(f"{name}.*"),
-                  *(out / "results").glob(f"{name}__*.json"), *(out / "export").glob(f"{stem}.*"),
-                  *(out / "export").glob(f"{name}__*")]
+        # The model's own files by their exact names: a glob such as `a.*` would also take model `a.b`'s.
+        doomed = [out / "checkpoints" / name, out / "logs" / name,
+                  *(out / "models" / f"{name}{suffix}" for suffix in (".keras", ".train.json", ".history.csv")),
+                  *(out / "results" / f"{name}__{norm}.json" for norm in norms),
+                  *(out / "export" / f"{stem}{suffix}" for suffix in (".tflite", ".int8.tflite", ".h", ".cc",
+                                                                      ".parity.json", ".compression.json")),
+                  *(out / "export" / f"{name}__{norm}.deployed.json" for norm in norms)]
+        doomed = [path for path in doomed if path.exists()]
         for path in doomed:
             if path.is_dir():
                 shutil.rmtree(path)
@@ -369,7 +375,12 @@ def train(config, spec, out, verbose=True):
     backup = keras.callbacks.BackupAndRestore(str(checkpoints))
     clock = _TrainingClock(checkpoints / "clock.json")
     guard = _early_stopping(config, spec, model, checkpoints / "early_stopping")
-    steps = [*([guard] if guard else []), backup, clock, callbacks.SeedEachEpoch(config.seed, epoch),
+    # The per-epoch history beside the model (a CSV the report plots, and TensorBoard logs), written before the
+    # epoch is backed up: an epoch trained again after an interruption is written again, and the last one counts.
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    history = [keras.callbacks.CSVLogger(str(out / "models" / f"{spec.name}.history.csv"), append=True),
+               keras.callbacks.TensorBoard(log_dir=str(out / "logs" / spec.name), write_graph=False)]
+    steps = [*([guard] if guard else []), *history, backup, clock, callbacks.SeedEachEpoch(config.seed, epoch),
              callbacks.StopOnNonFiniteLoss(), *_recipe_callbacks(recipe, model)]
     distribute.fit(model, train_data, epochs=recipe.epochs, callbacks=steps,
                    verbose=1 if verbose and sys.stdout.isatty() else 2 if verbose else 0)
@@ -820,6 +831,7 @@ def write_report(all_results, out):
     """Writes `report.md` and `plots/*.png` from result dicts; returns the report path."""
     out = pathlib.Path(out)
     plots = results_lib.plots(all_results, out / "plots")
+    plots += results_lib.training_curves(out, out / "plots")
     text = results_lib.table(all_results, wide=True)
     text += "\nPlots: " + ", ".join(str(p.relative_to(out)) for p in plots) + "\n"
     commands = sorted({r["command"] for r in all_results if r["command"]})
