@@ -43,12 +43,12 @@ def test_each_pass_depends_only_on_the_seed_and_the_epoch_variable(name, request
         return np.concatenate([x.numpy() for x, _ in batches]), np.concatenate([y.numpy() for _, y in batches])
 
     epoch = tf.Variable(0, dtype=tf.int64)
-    dataset = data.load(name, "train", batch_size=16, limit=48, seed=1, augment=True, epoch=epoch)
+    dataset = data.load(name, "train", batch_size=16, limit=32, seed=1, augment=True, epoch=epoch)
     first, second = one_pass(dataset), one_pass(dataset)
     assert int(epoch.numpy()) == 2  # every pass reads the variable and advances it
     assert not np.array_equal(first[0], second[0])
     epoch.assign(1)  # a resumed run: a new dataset object, started at the second epoch
-    resumed = one_pass(data.load(name, "train", batch_size=16, limit=48, seed=1, augment=True, epoch=epoch))
+    resumed = one_pass(data.load(name, "train", batch_size=16, limit=32, seed=1, augment=True, epoch=epoch))
     np.testing.assert_array_equal(resumed[0], second[0])
     np.testing.assert_array_equal(resumed[1], second[1])
     with pytest.raises(ValueError, match="Received: epoch=3"):
@@ -203,3 +203,17 @@ def test_image_augmentation_is_seeded_and_changes_each_epoch():
                                 seed=3)))[0].numpy()
     np.testing.assert_array_equal(first, again)
     assert 0.0 <= first.min() and first.max() <= 1.0
+
+
+def test_a_limit_beyond_the_split_is_refused_naming_the_carve_out():
+    with pytest.raises(ValueError, match=r"holds 54,000 examples \(the training data less the 10% held out as "
+                                         r"'validation'\)\. Received: limit=100000"):
+        data.load_arrays("fashion_mnist", "train", limit=100000)
+
+
+def test_load_data_gives_the_keras_datasets_layout():
+    (x_train, y_train), (x_test, y_test) = data.load_data("fashion_mnist")
+    assert x_train.shape == (60000, 28, 28, 1) and x_test.shape == (10000, 28, 28, 1)
+    assert y_train.shape == (60000,) and x_train.dtype == "float32" and 0 <= x_train.min() <= x_train.max() <= 1
+    (held, _), _ = data.load_data("fashion_mnist", validation_fraction=0.1)
+    assert len(held) == 54000

@@ -440,3 +440,17 @@ def test_batch_fraction_jacobian_trains_and_round_trips(tmp_path):
     path = str(tmp_path / "m.keras")
     model.save(path)
     assert keras.saving.load_model(path).jacobian.batch_fraction == 0.25
+
+
+def test_metrics_a_step_cannot_compute_are_named_at_compile():
+    model = _robust_stq(adversary=tr.AdversarialTraining("pgd", epsilon=0.05, steps=1))
+    with pytest.warns(UserWarning, match="no clean pass, so the metrics \\['accuracy'\\] are not computed"):
+        model.compile(optimizer="adam", loss=LOSS, metrics=["accuracy"])
+    opted_in = _robust_stq(adversary=tr.AdversarialTraining("pgd", epsilon=0.05, steps=1), clean_metrics=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opted_in.compile(optimizer="adam", loss=LOSS, metrics=["accuracy"])
+        _robust_stq(adversary=tr.AdversarialTraining("trades", epsilon=0.05, steps=1)).compile(
+            optimizer="adam", loss=LOSS, metrics=["accuracy"])

@@ -53,6 +53,10 @@ class Footprint:
     def packed_bytes(self):
         return sum(row.packed_bytes for row in self.layers)
 
+    def __repr__(self):  # what a REPL echoes after `tr.summary(model)` printed the table: one line
+        return (f"Footprint({len(self.layers)} layers, {self.params:,} params, {self.int8_bytes / 1024:.2f} KB at "
+                f"int8, {self.packed_bytes / 1024:.2f} KB packed)")
+
     def to_table(self):
         """Returns the footprint as a plain-text table."""
         header = ("layer", "type", "params", "bits", "int8 B", "packed B")

@@ -140,6 +140,11 @@ class EarlyExitResult:
     average_macs: float
     relative_compute: float
 
+    def __repr__(self):
+        taken = np.bincount(np.asarray(self.exits, int), minlength=int(np.max(self.exits, initial=0)) + 1)
+        return (f"EarlyExitResult({len(self.predictions)} examples, exits taken {taken.tolist()}, "
+                f"{self.average_macs:,.0f} MACs on average, {self.relative_compute:.2f} of every exit's)")
+
 
 def early_exit(model, x, threshold=0.9, batch_size=256):
     """Each example leaves at the first exit whose top softmax probability reaches `threshold` (else the last).

@@ -11,6 +11,7 @@ device or under a `tf.distribute` strategy.
 """
 
 import dataclasses
+import warnings
 
 import keras
 import tensorflow as tf
@@ -509,6 +510,23 @@ class RobustModel(keras.Model):
         self._streams = {name: keras.random.SeedGenerator(seeds[name], name=f"{name}_seed") for name in streams}
         if self.jacobian is not None and self.jacobian.hidden_layers:
             self._check_layers_reach_logits()
+
+    def compile(self, *args, **kwargs):
+        """Keras' `compile`; metrics the training step cannot compute are named in a warning.
+
+        A PGD-AT, FGSM-RS, N-FGSM or GradAlign step (and ARD with `alpha=1`)
+        trains on adversarial inputs only: compiled metrics on clean inputs
+        then need `clean_metrics=True` (one extra inference pass a step);
+        without it they are computed by `evaluate` but not in `fit`'s logs.
+        """
+        super().compile(*args, **kwargs)
+        metrics = kwargs.get("metrics", args[2] if len(args) > 2 else None)
+        clean, _ = self.objective.passes(self, self.adversarial)
+        if metrics and not clean and not self.clean_metrics:
+            warnings.warn(f"{self.name}: its training step has no clean pass, so the metrics {metrics!r} are not "
+                          "computed in training (evaluate() computes them); construct the model with "
+                          "clean_metrics=True to log them on the clean inputs at one inference pass a step.",
+                          stacklevel=2)
 
     def random_stream(self, name):
         """The `keras.random.SeedGenerator` of the random stream `name` ("projection", "attack", or one of

@@ -100,6 +100,19 @@ class AttackResult:
     queries: list = None
     stages: dict = None
 
+    def success_rate(self, eps):
+        """The share of examples the attack succeeded on at radius `eps` (matched by value)."""
+        for e, success in zip(self.epsilons, self.success):
+            if np.isclose(e, float(eps), rtol=1e-9, atol=1e-12):
+                return float(np.mean(success))
+        raise ValueError(f"Not attacked at this radius (radii: {', '.join(f'{e:g}' for e in self.epsilons)}). "
+                         f"Received: eps={eps!r}")
+
+    def __repr__(self):  # the arrays stay out: a batch of images is not a readable repr
+        rates = ", ".join(f"{e:.4g}: {100 * np.mean(s):.1f}%" for e, s in zip(self.epsilons, self.success))
+        n = len(self.success[0]) if self.success else 0
+        return f"AttackResult({n} examples, success {{{rates}}})"
+
 
 class Attack:
     """Base class: a configured attack, called as `attack(model, x, y=None)`.

@@ -84,12 +84,48 @@ class RobustnessReport:
     apgd_columns: tuple = ()
 
     def accuracy(self):
-        """Accuracies as plain floats: clean, per attack and eps, worst case."""
+        """Accuracies as plain floats: clean, per attack and eps, worst case (eps keys as `str(eps)`, the form of
+        the result files; `at(eps)` reads one radius by its value)."""
         return {
             "clean": float(self.clean.mean()),
             "attacks": {n: {str(e): float(v.mean()) for e, v in per.items()} for n, per in self.attacks.items()},
             "worst": {str(e): float(v.mean()) for e, v in self.worst.items()},
         }
+
+    @property
+    def epsilons(self):
+        """The radii evaluated, in order."""
+        return tuple(self.worst)
+
+    def at(self, eps):
+        """`{attack: accuracy, ..., "worst": accuracy}` at the radius `eps` (matched by value, e.g. 8 / 255).
+
+        Raises:
+            ValueError: naming the radii evaluated.
+        """
+        matched = [e for e in self.worst if np.isclose(float(e), float(eps), rtol=1e-9, atol=1e-12)]
+        if not matched:
+            raise ValueError(f"Not evaluated at this radius (radii: {', '.join(f'{e:g}' for e in self.worst)}). "
+                             f"Received: eps={eps!r}")
+        (e,) = matched
+        row = {name: float(per[e].mean()) for name, per in self.attacks.items() if e in per}
+        return {**row, "worst": float(self.worst[e].mean())}
+
+    def to_table(self):
+        """A plain-text table: one row per attack (and the worst case), one column per radius, in percent."""
+        header = ["attack", *(f"eps {e:.4g}" for e in self.worst)]
+        rows = [["clean", *(f"{100 * self.clean.mean():.1f}" for _ in self.worst)]]
+        rows += [[name, *(f"{100 * per[e].mean():.1f}" if e in per else "-" for e in self.worst)]
+                 for name, per in self.attacks.items()]
+        rows.append(["worst", *(f"{100 * v.mean():.1f}" for v in self.worst.values())])
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+        return "\n".join(lines + ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows])
+
+    def __repr__(self):
+        worst = ", ".join(f"{e:.4g}: {100 * v.mean():.1f}%" for e, v in self.worst.items())
+        return (f"RobustnessReport({len(self.clean)} examples, clean {100 * self.clean.mean():.1f}%, "
+                f"{len(self.attacks)} attacks, worst {{{worst}}})")
 
 
 def _unwrapped(attack):

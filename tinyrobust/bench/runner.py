@@ -360,9 +360,11 @@ def train(config, spec, out, verbose=True):
             model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate),
                           loss=[keras.losses.SparseCategoricalCrossentropy(from_logits=True)] * exits,
                           loss_weights=[1 / exits] * exits, metrics=[["accuracy"]] * exits)
-        else:
+        else:  # clean accuracy in the history where the step has a clean pass (plain training, JR, TRADES)
+            clean = not isinstance(model, RobustModel) or model.objective.passes(model, model.adversarial)[0]
             model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate),
-                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                          metrics=["accuracy"] if clean else None)
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     train_data = data.load(config.dataset, "train", batch_size=recipe.batch_size, seed=config.seed,
                            limit=recipe.limit, augment=recipe.augment,

@@ -22,7 +22,7 @@ from tinyrobust import seeding
 from tinyrobust.data import audio, fashion_mnist, synthetic_kws, tfds_sets
 from tinyrobust.validation import check_choice, check_number
 
-__all__ = ["DatasetInfo", "info", "load", "load_arrays", "calibration_set", "NAMES"]
+__all__ = ["DatasetInfo", "info", "load", "load_arrays", "load_data", "calibration_set", "NAMES"]
 
 SPLITS = ("train", "validation", "test")
 
@@ -128,8 +128,33 @@ def load_raw(name, split, validation_fraction=0.1, limit=None, seed=0):
         index = np.sort(held_out if split == "validation" else kept)
         raw, labels = raw[index], labels[index]
     if limit is not None:
+        if limit > len(labels):  # nothing is cut to fit silently
+            carved = ("" if dataset_info.native_validation or split == "test" else
+                      f" (the training data less the {validation_fraction:.0%} held out as 'validation')")
+            raise ValueError(f"The {split!r} split of {name!r} holds {len(labels):,} examples{carved}. "
+                             f"Received: limit={limit}")
         raw, labels = raw[:limit], labels[:limit]
     return raw, labels
+
+
+def load_data(name, validation_fraction=0.0, seed=0):
+    """`(x_train, y_train), (x_test, y_test)` as numpy arrays, in the layout of `keras.datasets` loaders.
+
+    Inputs are float32 of the models' input shape (images scaled to [0, 1] with a channel axis, audio as MFCCs),
+    labels int32 of shape (N,). By default the training arrays hold the whole training split; with
+    `validation_fraction` a share of it is held out (fixed by `seed`) and left out here, as `load_arrays`
+    holds it out (read it with `load_arrays(name, "validation", ...)`).
+
+    Args:
+        name: dataset name (see `NAMES`).
+        validation_fraction: share of the training split to leave out, in [0, 1).
+        seed: seed of that partition.
+
+    Returns:
+        `((x_train, y_train), (x_test, y_test))`.
+    """
+    return (load_arrays(name, "train", validation_fraction=validation_fraction, seed=seed),
+            load_arrays(name, "test"))
 
 
 def features(name, raw):
@@ -146,9 +171,12 @@ def load_arrays(name, split, validation_fraction=0.1, limit=None, seed=0):
         name: dataset name (see `NAMES`).
         split: "train", "validation" or "test".
         validation_fraction: fraction of the training data held out as
-            "validation" (fixed by `seed`, disjoint from "train"); unused for
-            data sets with their own validation split.
-        limit: keep the first `limit` examples (after the split), or None.
+            "validation" (fixed by `seed`, disjoint from "train": by default
+            "train" holds 90% of the training data, e.g. 54,000 of
+            Fashion-MNIST's 60,000); unused for data sets with their own
+            validation split. `load_data` gives the whole training split.
+        limit: keep the first `limit` examples (after the split), or None;
+            a limit above the split's size is refused.
         seed: seed of the train/validation partition.
 
     Returns:
