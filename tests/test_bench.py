@@ -831,3 +831,45 @@ def test_fresh_deletes_exactly_the_models_own_files(tmp_path):
     assert "a.b.keras" in kept
     bench.run(bench.select_models(config, ["a"]), out, verbose=False, fresh=True)
     assert {p.name for p in (out / "models").iterdir() if p.name.startswith("a.b.")} == kept
+
+
+def test_a_corrupt_training_checkpoint_is_named_and_the_model_trains_again(tmp_path, monkeypatch):
+    """A kill or a full disk during the checkpoint write left a truncated HDF5 file that broke every rerun with a
+    traceback: the previous copy is used when it reads, and with neither the model trains from epoch 1."""
+    config = bench.load(_write(tmp_path, RESUMABLE))
+    (spec,) = config.models
+
+    class Killed(Exception):
+        pass
+
+    original = tr.callbacks.StopOnNonFiniteLoss.on_train_batch_begin
+
+    def kill(self, batch, logs=None):
+        if (self._epoch, batch) == (2, 0):
+            raise Killed
+        return original(self, batch, logs)
+
+    monkeypatch.setattr(tr.callbacks.StopOnNonFiniteLoss, "on_train_batch_begin", kill)
+    with pytest.raises(Killed):
+        runner.train(config, spec, tmp_path / "run", verbose=False)
+    monkeypatch.setattr(tr.callbacks.StopOnNonFiniteLoss, "on_train_batch_begin", original)
+    checkpoint = tmp_path / "run" / "checkpoints" / "m"
+    for name in ("latest.weights.h5", "latest.weights.h5.bkp"):
+        path = checkpoint / name
+        path.write_bytes(path.read_bytes()[:500])  # both copies cut short
+    with pytest.warns(UserWarning, match="training checkpoint of 'm' .* is corrupt"):
+        model, _ = runner.train(config, spec, tmp_path / "run", verbose=False)
+    record = json.loads((tmp_path / "run" / "models" / "m.train.json").read_text())
+    assert not record["resumed"] and (tmp_path / "run" / "models" / "m.keras").is_file()
+
+
+def test_a_full_disk_ends_with_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "results" / "m__linf.json"))
+
+    monkeypatch.setattr(bench, "run", full)
+    assert cli.main(["bench", str(_write(tmp_path, BASE)), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "No space left on device" in err and "Traceback" not in err

@@ -1,6 +1,7 @@
 """The `tinyrobust` command line."""
 
 import argparse
+import errno
 import importlib
 import os
 import pathlib
@@ -199,6 +200,13 @@ def main(argv=None):
         return args.run(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"tinyrobust {args.command}: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full disk, a read-only or forbidden folder: one line; the work done so far stays
+        if error.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+            raise
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"tinyrobust {args.command}: cannot write{where}: {os.strerror(error.errno)}. Free space or choose "
+              f"another --out; the work done so far is kept and a rerun resumes it.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         resume = " Run the same command again to resume." if args.command in ("bench", "demo") else ""

@@ -374,7 +374,9 @@ def train(config, spec, out, verbose=True):
     checkpoints = out / "checkpoints" / spec.name
     checkpoints.mkdir(parents=True, exist_ok=True)
     files.write_json(checkpoints / "settings.json", record, default=str)
-    backup = keras.callbacks.BackupAndRestore(str(checkpoints))
+    _drop_unreadable_checkpoint(checkpoints, spec.name)
+    # Two checkpoints: Keras falls back to the previous one when a write was cut short (a kill, a full disk).
+    backup = keras.callbacks.BackupAndRestore(str(checkpoints), double_checkpoint=True)
     clock = _TrainingClock(checkpoints / "clock.json")
     guard = _early_stopping(config, spec, model, checkpoints / "early_stopping")
     # The per-epoch history beside the model (a CSV the report plots, and TensorBoard logs), written before the
@@ -398,6 +400,31 @@ def train(config, spec, out, verbose=True):
     with files.atomic_path(path) as partial:
         model.save(partial)
     return model, seconds
+
+
+def _readable_weights(path):
+    """True when `path` is an HDF5 file that opens (a checkpoint cut short by a kill or a full disk does not)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            return len(handle.keys()) > 0
+    except (OSError, ValueError):
+        return False
+
+
+def _drop_unreadable_checkpoint(folder, name):
+    """Deletes a training checkpoint neither of whose two copies can be read, with a warning: the model then
+    trains from its first epoch (its held-out selection and clock start over with it) instead of failing every
+    rerun with a traceback."""
+    latest, previous = folder / "latest.weights.h5", folder / "latest.weights.h5.bkp"
+    if not latest.exists() or _readable_weights(latest) or (previous.exists() and _readable_weights(previous)):
+        return
+    warnings.warn(f"The training checkpoint of {name!r} ({latest}) is corrupt (cut short by a kill or a full disk?); "
+                  f"{name!r} trains again from its first epoch", stacklevel=3)
+    for path in folder.iterdir():
+        if path.name != "settings.json":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _deployed(config, spec, model, attacked, cascade, out, x, y, threat, say, model_fingerprint, fingerprint,
