@@ -601,21 +601,31 @@ def test_early_stopping_selects_the_epoch_by_held_out_pgd_and_records_it(tmp_pat
 
 
 def test_a_second_run_into_a_busy_folder_stops_at_once(tmp_path):
+    import os
     import subprocess
     import sys
 
     config = bench.load(_write(tmp_path, BASE))
     out = tmp_path / "run"
     out.mkdir()
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = ("import fcntl, os, sys, time\nhandle = open(sys.argv[1], 'a+')\nfcntl.flock(handle, fcntl.LOCK_EX)\n"
+              "handle.seek(0); handle.truncate(); handle.write(str(os.getpid())); handle.flush()\n"
+              "print('locked', flush=True)\ntime.sleep(60)\n")
+    other = subprocess.Popen([sys.executable, "-c", holder, str(out / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
-        (out / ".lock").write_text(str(other.pid))
+        assert other.stdout.readline().strip() == "locked"
         with pytest.raises(ValueError, match=rf"Another run \(process {other.pid}\) is writing into"):
             bench.run(config, out, verbose=False)
         assert not (out / "experiment.json").exists()
     finally:
-        other.kill()
+        other.terminate()  # SIGTERM: the operating system releases its lock
         other.wait()
+    # What a dead or killed run leaves (a .lock naming a process, even a live one) holds nothing.
+    (out / ".lock").write_text(str(os.getpid()))
+    from tinyrobust import files
+
+    with files.folder_lock(out):
+        pass
     (out / "file").write_text("x")
     with pytest.raises(ValueError, match="output folder is a file"):
         bench.run(config, out / "file", verbose=False)

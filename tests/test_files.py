@@ -63,3 +63,14 @@ def test_atomic_path_saves_a_keras_model(tmp_path):
     restored = keras.saving.load_model(tmp_path / "m.keras")
     np.testing.assert_array_equal(restored.get_weights()[0], model.get_weights()[0])
     assert sorted(os.listdir(tmp_path)) == ["m.keras"]
+
+
+def test_a_folder_lock_is_exclusive_and_released_with_its_holder(tmp_path):
+    from tinyrobust import files
+
+    with files.folder_lock(tmp_path):
+        with pytest.raises(ValueError, match=r"Another run \(process \d+\) is writing into"):
+            with files.folder_lock(tmp_path):
+                pass
+    with files.folder_lock(tmp_path):  # released at the end of the block
+        pass

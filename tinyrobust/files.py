@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader sees the old file or the whole new one, never half of one.
+"""Atomic file writes (a reader sees the old file or the whole new one, never half of one) and folder locks.
 
 Every artifact a run may resume from (checkpoint records, result JSON, saved
 models, exported `.tflite` files) is written through these, so a run killed
@@ -76,3 +76,37 @@ def write_json(path, value, **dumps_options):
     """
     dumps_options.setdefault("indent", 2)
     return write_atomically(path, json.dumps(value, **dumps_options) + "\n")
+
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """Holds an exclusive `fcntl.flock` on `folder/.lock` for the block; a second holder stops at once.
+
+    The operating system releases the lock when its process ends, however it ends (killed, SIGTERM), so a dead
+    run never leaves a lock behind and none is taken over by guesswork; the file keeps the last holder's
+    process id for the message.
+
+    Raises:
+        ValueError: another process holds the folder.
+    """
+    import fcntl
+
+    folder = pathlib.Path(folder)
+    handle = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "?"
+        handle.close()
+        raise ValueError(f"Another run (process {owner}) is writing into {str(folder)!r}; wait for it to end or "
+                         f"use another --out. Received: out_dir={str(folder)!r}") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()

@@ -653,45 +653,9 @@ def train_all(config, out_dir, verbose=True, fresh=False):
     return trained
 
 
-@contextlib.contextmanager
 def _lock(out):
-    """Holds `out/.lock` (this process's id) for the run; a second run into a folder in use stops at once.
-
-    A lock left by a process that no longer runs (e.g. killed) is taken over.
-
-    Raises:
-        ValueError: another live process holds the folder.
-    """
-    path = out / ".lock"
-    while True:
-        try:
-            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            try:
-                owner = int(path.read_text().strip() or 0)
-            except (OSError, ValueError):
-                owner = 0
-            if owner and owner != os.getpid() and _alive(owner):
-                raise ValueError(f"Another run (process {owner}) is writing into {str(out)!r}; wait for it to end or "
-                                 f"use another --out. Received: out_dir={str(out)!r}") from None
-            path.unlink(missing_ok=True)  # stale: its process is gone
-    try:
-        os.write(handle, str(os.getpid()).encode())
-        os.close(handle)
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """The run folder's lock (`files.folder_lock`)."""
+    return files.folder_lock(out)
 
 
 def _with_earlier_results(results, out, config, seeds):
