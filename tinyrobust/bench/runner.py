@@ -1,6 +1,5 @@
 """Runs an experiment: train (resuming), attack, check, export, evaluate the deployed model, write results."""
 
-import contextlib
 import hashlib
 import json
 import os
