@@ -145,6 +145,11 @@ attacks = { fgsm = { type = "FGSM" } }
                       'attacks = { pgd = { type = "PGD", random_start = "no" } }'), "random_start='no'"),
         (BASE.replace('attacks = { fgsm = { type = "FGSM" } }', 'attacks = { pgd = { type = "PGD", targeted = "no" } }'),
          "targeted='no'"),
+        ("seed = 4294967296\n" + BASE, "seed=4294967296"),
+        (BASE.replace('name = "m"', 'name = "' + "m" * 101 + '"'), "at most 100"),
+        (BASE + BASE[BASE.index("[[models]]"):BASE.index("[threat_models")].replace('name = "m"', 'name = "a-b"')
+         .replace("[[models]]", "[[models]]", 1) + BASE[BASE.index("[[models]]"):BASE.index("[threat_models")]
+         .replace('name = "m"', 'name = "a_b"'), "export to the same files \\(a_b.tflite\\)"),
     ],
 )
 def test_invalid_experiment_fails_before_work_naming_the_key(tmp_path, text, message):
@@ -883,3 +888,41 @@ def test_a_full_disk_ends_with_one_line_and_exit_2(tmp_path, monkeypatch, capsys
     assert cli.main(["bench", str(_write(tmp_path, BASE)), "--out", str(tmp_path / "run"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "cannot write" in err and "No space left on device" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r["worst_case"].update({"0.1": r["clean_accuracy"] + 0.1}), "Worst case above clean accuracy"),
+    (lambda r: r["robust_accuracy"]["pgd"].update({"0.1": 0.0}), "worst case <= every attack <= clean"),
+    (lambda r: r["worst_case"].update({"0.02": 0.0}), "rises with eps"),
+])
+def test_a_hand_edited_result_is_refused_naming_its_file(tmp_path, capsys, edit, message):
+    source = EXPERIMENTS.parent / "benchmarks/results/fashion_mnist_tiny_demo/results/stq_jr__linf.json"
+    result = json.loads(source.read_text())
+    edit(result)
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "stq_jr__linf.json").write_text(json.dumps(result))
+    assert cli.main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "stq_jr__linf.json" in err and message in err
+
+
+def test_a_profile_name_must_be_a_plain_name(tmp_path):
+    with pytest.raises(bench.ExperimentError, match="Received: profile='../x'"):
+        bench.load(_write(tmp_path, BASE), profile="../x")
+
+
+def test_a_model_file_replaced_by_another_is_trained_again_not_evaluated_under_its_name(tmp_path):
+    text = BASE.replace('name = "m"', 'name = "a"') + "\n[train]\nlimit = 32\n[export]\nenabled = false\n"
+    config = bench.load(_write(tmp_path, text))
+    out = tmp_path / "run"
+    bench.run(config, out, verbose=False)
+    record = json.loads((out / "models" / "a.train.json").read_text())
+    assert record["model_sha256"] == runner.fingerprints.file_digest(out / "models" / "a.keras")
+    other = tr.models.small_cnn(width=8)  # another model's file in its place
+    other.save(out / "models" / "a.keras")
+    (out / "results" / "a__linf.json").unlink()
+    with pytest.warns(UserWarning, match="a.keras is not the file its record"):
+        bench.run(config, out, verbose=False)
+    retrained = keras.saving.load_model(out / "models" / "a.keras")
+    assert retrained.count_params() != other.count_params()

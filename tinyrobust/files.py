@@ -110,3 +110,11 @@ def folder_lock(folder):
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+def file_sha256(path):
+    """The SHA-256 of a file's bytes (16 hex digits), to recognise the file a record describes."""
+    import hashlib
+
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()[:16]

@@ -157,11 +157,14 @@ def _number(where, value, **bounds):
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
+_NAME_LENGTH = 100  # file names are at most 255 bytes, and a name gets suffixes such as `__linf.deployed.json`
+
+
 def _check_name(where, name):
-    """Names become file names: letters, digits, `_`, `.` and `-` only (no path separators)."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
-        raise ExperimentError(f"Expected `{where}` to be a name of letters, digits, '_', '.' and '-' (it names "
-                              f"files). Received: {where}={name!r}")
+    """Names become file names: letters, digits, `_`, `.` and `-` only (no path separators), at most 100."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name or len(name) > _NAME_LENGTH:
+        raise ExperimentError(f"Expected `{where}` to be a name of at most {_NAME_LENGTH} letters, digits, '_', '.' "
+                              f"and '-' (it names files). Received: {where}={name!r}")
 
 
 _JACOBIAN_NESTED = {"layers", "batch_fraction"}
@@ -234,6 +237,11 @@ def _check_models(config):
             if not isinstance(model.get(key), str):
                 raise ExperimentError(f"Expected `{where}{key}` to be a string. Received: {key}={model.get(key)!r}")
         _check_name(f"{where}name", model["name"])
+        exported = model["name"].replace("-", "_")  # the exported files' and C array's name (ModelSpec.file_name)
+        clash = next((n for n in names if n.replace("-", "_") == exported and n != model["name"]), None)
+        if clash is not None:
+            raise ExperimentError(f"Model names {clash!r} and {model['name']!r} export to the same files "
+                                  f"({exported}.tflite): rename one. Received: {where}name={model['name']!r}")
         if model["name"] in names:
             raise ExperimentError(f"Duplicate model name. Received: {where}name={model['name']!r}")
         names.add(model["name"])
@@ -581,6 +589,7 @@ def _read(path, profile):
     _unknown("", raw, _TOP)
     profiles = raw.pop("profiles", {})
     if profile is not None:
+        _check_name("profile", profile)  # it names the default output folder
         if profile not in profiles:
             raise ExperimentError(f"Unknown profile (defined: {', '.join(sorted(profiles)) or 'none'}). "
                                   f"Received: profile={profile!r}")
@@ -608,7 +617,7 @@ def _experiment(raw, path, profile):
         raise ExperimentError(f"Expected `seed` to be an integer or a non-empty list of distinct integers. "
                               f"Received: seed={config['seed']!r}")
     for seed in seeds:
-        _number("seed", seed, low=0, integer=True)
+        _number("seed", seed, low=0, high=2 ** 32 - 1, integer=True)  # NumPy's and Keras' seeds are 32-bit
     config["seeds"], config["seed"] = seeds, seeds[0]
     _unknown("train.", config["train"], _TRAIN)
     if not isinstance(config["train"]["augment"], bool):

@@ -9,6 +9,8 @@ experiment gives; `changes` names what differs.
 import hashlib
 import json
 
+from tinyrobust import files
+
 __all__ = ["fingerprint", "changes", "file_digest", "model_settings", "export_settings", "result_settings", "shared_settings",
            "NUMERIC_PACKAGES"]
 
@@ -99,6 +101,5 @@ def shared_settings(result):
 
 
 def file_digest(path):
-    """The SHA-256 (16 hex digits) of a file's bytes."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()[:16]
+    """The SHA-256 (16 hex digits) of a file's bytes (`files.file_sha256`)."""
+    return files.file_sha256(path)

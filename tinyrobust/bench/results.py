@@ -32,8 +32,28 @@ def validate(result):
         for value in per_eps.values():
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"Accuracy out of [0, 1] in `robust_accuracy.{attack}`. Received: {value}")
-    if not 0.0 <= result["clean_accuracy"] <= 1.0:
-        raise ValueError(f"Accuracy out of [0, 1]. Received: clean_accuracy={result['clean_accuracy']}")
+    clean = result["clean_accuracy"]
+    if not 0.0 <= clean <= 1.0:
+        raise ValueError(f"Accuracy out of [0, 1]. Received: clean_accuracy={clean}")
+    # The rules a measurement cannot break: the worst case is per example over every attack, each attack's
+    # accuracy counts only examples also right on clean input, and the worst case never rises with eps.
+    worst = result["worst_case"]
+    if sorted(worst) != sorted(epsilons):
+        raise ValueError(f"Result `worst_case` has epsilons {sorted(worst)}, expected {epsilons}")
+    tolerance = 1e-9
+    for eps, value in worst.items():
+        if not 0.0 <= value <= clean + tolerance:
+            raise ValueError(f"Worst case above clean accuracy ({clean}) or out of [0, 1]. Received: "
+                             f"worst_case.{eps}={value}")
+        for attack, per_eps in result["robust_accuracy"].items():
+            if per_eps[eps] > clean + tolerance or value > per_eps[eps] + tolerance:
+                raise ValueError(f"Expected worst case <= every attack <= clean accuracy ({clean}) at eps {eps}. "
+                                 f"Received: worst_case.{eps}={value}, robust_accuracy.{attack}.{eps}={per_eps[eps]}")
+    ordered = sorted(worst, key=float)
+    for smaller, larger in zip(ordered, ordered[1:]):
+        if worst[larger] > worst[smaller] + tolerance:
+            raise ValueError(f"The worst case rises with eps. Received: worst_case.{smaller}={worst[smaller]}, "
+                             f"worst_case.{larger}={worst[larger]}")
     if result.get("multi_exit") is not None:
         _validate_multi_exit(result["multi_exit"], epsilons)
     return result
@@ -72,7 +92,10 @@ def read_all(folder):
                               f"again to redo it.", stacklevel=2)
             continue
         if isinstance(result, dict) and result.get("schema_version") == SCHEMA_VERSION:
-            results.append(validate(result))
+            try:
+                results.append(validate(result))
+            except ValueError as error:  # named, so it can be found and redone
+                raise ValueError(f"{path}: {error}") from None
     if not results:
         raise FileNotFoundError(f"No result files (schema version {SCHEMA_VERSION}) under {str(folder)!r}")
     return results

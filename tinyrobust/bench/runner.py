@@ -343,8 +343,9 @@ def train(config, spec, out, verbose=True):
     path = out / "models" / f"{spec.name}.keras"
     settings = _model_settings(config, spec, out)
     record = {"settings": settings, "fingerprint": fingerprints.fingerprint(settings)}
+    _drop_foreign_model(path, out / "models" / f"{spec.name}.train.json")
     model = _reusable(path, keras.saving.load_model)
-    if model is not None:  # its settings were checked before any work (`_check_earlier_work`)
+    if model is not None:  # its settings were checked before any work (`_check_earlier_work`), its bytes above
         return model, 0.0
     dataset_info = data.info(config.dataset)
     recipe = config.train
@@ -392,13 +393,27 @@ def train(config, spec, out, verbose=True):
         model = model.student
     if isinstance(model, multiexit.NEOKD):
         model = model.network
-    # The record first: a model file is never without the settings that made it.
+    # The record first, with the digest of the file it describes: a model file is never without the settings
+    # that made it, and a file put in its place is recognised.
     stopped = {"early_stopping": guard.record()} if guard else {}
-    files.write_json(out / "models" / f"{spec.name}.train.json",
-                     {"seconds": seconds, "resumed": clock.resumed, **stopped, **record}, default=str)
     with files.atomic_path(path) as partial:
         model.save(partial)
+        files.write_json(out / "models" / f"{spec.name}.train.json",
+                         {"seconds": seconds, "resumed": clock.resumed, **stopped, **record,
+                          "model_sha256": fingerprints.file_digest(partial)}, default=str)
     return model, seconds
+
+
+def _drop_foreign_model(path, record_path):
+    """Deletes (with a warning) a trained model file whose bytes are not the ones its record describes, e.g.
+    another model's `.keras` copied over it: it is trained again rather than evaluated under this name."""
+    record = _reusable(record_path)
+    expected = (record or {}).get("model_sha256")  # absent in records from before the digest
+    if expected is None or not path.is_file() or fingerprints.file_digest(path) == expected:
+        return
+    warnings.warn(f"{path} is not the file its record ({record_path.name}) describes (replaced or changed?); "
+                  "it is trained again.", stacklevel=3)
+    path.unlink()
 
 
 def _readable_weights(path):
@@ -441,7 +456,12 @@ def _deployed(config, spec, model, attacked, cascade, out, x, y, threat, say, mo
     parity_path = out / "export" / f"{name}.parity.json"
     parity = _reusable(parity_path)
     export_settings = fingerprints.export_settings(config, model_fingerprint, versions())
-    if parity is None or parity.get("fingerprint") != fingerprints.fingerprint(export_settings):
+    shipped = out / "export" / f"{name}.tflite"
+    foreign = (parity is not None and parity.get("tflite_sha256") is not None
+               and (not shipped.is_file() or fingerprints.file_digest(shipped) != parity["tflite_sha256"]))
+    if foreign:  # another file in its place, or one cut short: exported again, never evaluated as this model
+        warnings.warn(f"{shipped} is not the file its parity record describes; it is exported again.", stacklevel=2)
+    if foreign or parity is None or parity.get("fingerprint") != fingerprints.fingerprint(export_settings):
         calibration, indices = data.calibration_set(config.dataset, size=settings.calibration_size,
                                                     seed=config.seed)
         x_parity, y_parity = data.load_arrays(config.dataset, "test", limit=settings.parity_examples)
@@ -676,9 +696,15 @@ def _with_earlier_results(results, out, config, seeds):
 
 
 def _reused_result(path, settings, say):
-    """The result file at `path` when it was made with `settings`, else None (it is redone)."""
+    """The result file at `path` when it was made with `settings` and reads as a valid, internally consistent
+    result, else None (it is redone)."""
     result = _reusable(path)
     if result is None:
+        return None
+    try:
+        results_lib.validate(result)
+    except ValueError as error:
+        warnings.warn(f"{path} is not a valid result ({error}); it is redone.", stacklevel=2)
         return None
     if result.get("fingerprint") != fingerprints.fingerprint(settings):
         changed = fingerprints.changes({k: v for k, v in (result.get("settings") or {}).items() if k != "model_settings"}

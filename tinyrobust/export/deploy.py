@@ -45,6 +45,7 @@ def export_and_verify(model, out_dir, name, representative_data, validation_data
     to_c_array(path, out_dir, name)
     say(f"  {name}: parity of {', '.join(runtimes)} with Keras", flush=True)
     report = verify(model, path, validation_data, runtimes=runtimes, verbose=verbose)
-    parity = {**(record or {}), **report.to_dict(), "compression": compression}
+    parity = {**(record or {}), **report.to_dict(), "compression": compression,
+              "tflite_sha256": files.file_sha256(path)}
     files.write_json(out_dir / f"{name}.parity.json", parity)
     return path, report
