@@ -195,3 +195,23 @@ def test_fold_quantized_weights_gives_identical_outputs(quantization):
     np.testing.assert_array_equal(clone.predict(x, verbose=0), model.predict(x, verbose=0))
     float_model = tr.models.small_cnn(quantization="float")
     assert export.fold_quantized_weights(float_model) is float_model
+
+
+def test_calibration_inputs_on_another_scale_are_refused(tmp_path):
+    """0-255 calibration for a [0, 1] model wrote a file with 6.2% accuracy against Keras' 48.4%, silently."""
+    model = tr.models.small_cnn(width=4)
+    calibration = np.random.default_rng(0).uniform(0, 255, (16, 28, 28, 1)).astype("float32")
+    with pytest.raises(ValueError, match=r"calibration inputs in the model's input range \(0.0, 1.0\).*Received: "):
+        export.to_tflite(model, tmp_path / "m.tflite", calibration)
+    assert not (tmp_path / "m.tflite").exists()
+    assert export.to_tflite(model, tmp_path / "w.tflite", calibration, input_range=(0, 255)).is_file()
+
+
+def test_the_interpreter_refuses_nan_inputs(tmp_path):
+    model = tr.models.small_cnn(width=4)
+    calibration = np.random.default_rng(0).random((16, 28, 28, 1)).astype("float32")
+    deployed = export.TFLiteModel(export.to_tflite(model, tmp_path / "m.tflite", calibration))
+    x = calibration[:2].copy()
+    x[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="Expected finite inputs"):
+        deployed(x)

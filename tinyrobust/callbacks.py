@@ -410,11 +410,13 @@ class TFLiteExport(keras.callbacks.Callback):
         compress: ship low-bit (ternary, binary, int4) weights below int8
             through TFLite Micro's LUT compression, bit-exact with the int8
             file (see `tinyrobust.export.to_tflite`).
+        input_range: the model's valid inputs (calibration inputs outside it are refused).
     """
 
     def __init__(self, out_dir, representative_data, validation_data, monitor=None, mode="max", name="model",
-                 compress=False):
+                 compress=False, input_range=(0.0, 1.0)):
         super().__init__()
+        self.input_range = input_range
         if mode not in ("max", "min"):
             raise ValueError(f"Expected `mode` to be 'max' or 'min'. Received: mode={mode!r}")
         if not isinstance(validation_data, tuple) or len(validation_data) != 2:
@@ -449,6 +451,6 @@ class TFLiteExport(keras.callbacks.Callback):
             _, self.report = export.export_and_verify(
                 self.model, self.out_dir, self.name, self.representative_data, self.validation_data,
                 record={"best_epoch": self.best_epoch, "monitor": self.monitor, "best": self.best},
-                compress=self.compress)
+                compress=self.compress, input_range=self.input_range)
         finally:
             self.model.set_weights(final_weights)

@@ -122,7 +122,8 @@ def _export(args):
     x_test, y_test = tr.data.load_arrays(args.dataset, "test", limit=args.parity_size)
     record = {"model": str(model_path), "dataset": args.dataset, "calibration_indices": [int(i) for i in indices]}
     path, report = tr.export.export_and_verify(model, out, name, calibration, (x_test, y_test), record=record,
-                                               compress=args.compress)
+                                               compress=args.compress,
+                                               input_range=tr.data.info(args.dataset).input_range)
     print(report.to_table())
     written = [path, out / (name + ".h"), out / (name + ".cc"), out / (name + ".parity.json")]
     if args.compress:

@@ -469,7 +469,8 @@ def _deployed(config, spec, model, attacked, cascade, out, x, y, threat, say, mo
                       "settings": export_settings, "fingerprint": fingerprints.fingerprint(export_settings)}
         start = time.perf_counter()
         export.export_and_verify(model, out / "export", name, calibration, (x_parity, y_parity), runtimes=("tflm",),
-                                 record=provenance, verbose=say.verbose, compress=settings.compress)
+                                 record=provenance, verbose=say.verbose, compress=settings.compress,
+                                 input_range=data.info(config.dataset).input_range)
         if timings is not None:
             timings["export"] = time.perf_counter() - start
     parity = json.loads(parity_path.read_text())

@@ -10,7 +10,7 @@ from tinyrobust.export.tflite import compression_report_path, to_tflite
 
 
 def export_and_verify(model, out_dir, name, representative_data, validation_data, runtimes=("litert", "tflm"),
-                      record=None, verbose=False, compress=False):
+                      record=None, verbose=False, compress=False, input_range=(0.0, 1.0)):
     """Writes `<name>.tflite`, `<name>.h/.cc` and `<name>.parity.json` into `out_dir`.
 
     With `compress=True` the shipped `<name>.tflite` (and the C array) hold
@@ -28,6 +28,7 @@ def export_and_verify(model, out_dir, name, representative_data, validation_data
         record: extra fields stored in the parity JSON (e.g. calibration indices).
         verbose: print each step, with a progress bar for the parity runs.
         compress: ship low-bit weights below int8 (`to_tflite(compress=True)`).
+        input_range: the model's valid inputs; calibration inputs outside are refused (`to_tflite`).
 
     Returns:
         `(tflite path, ParityReport)`.
@@ -37,7 +38,8 @@ def export_and_verify(model, out_dir, name, representative_data, validation_data
     say = print if verbose else (lambda *_, **__: None)
     steps = "int8 conversion, compression (bit-exact check)" if compress else "int8 conversion"
     say(f"  {name}: folding, {steps} and TFLite Micro check -> {out_dir / name}.tflite", flush=True)
-    path = to_tflite(model, out_dir / f"{name}.tflite", representative_data, compress=compress)
+    path = to_tflite(model, out_dir / f"{name}.tflite", representative_data, compress=compress,
+                     input_range=input_range)
     compression = CompressionReport.load(compression_report_path(path)).to_dict() if compress else None
     if compression is not None:
         say(f"  {name}: {compression['int8_bytes']:,} B int8 -> {compression['flash_bytes']:,} B flash, arena "

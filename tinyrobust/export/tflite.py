@@ -10,12 +10,12 @@ import tensorflow as tf
 from tinyrobust._silence import captured_output
 from tinyrobust.export.fold import fold_model
 from tinyrobust.files import write_atomically
-from tinyrobust.validation import check_choice, check_number
+from tinyrobust.validation import check_choice, check_number, check_range
 
 RUNTIMES = ("tflm", "litert")
 
 
-def _representative_array(representative_data, input_shape, limit):
+def _representative_array(representative_data, input_shape, limit, input_range=None):
     """Up to `limit` inputs from an array, an (x, y) tuple or a dataset of x or (x, y) batches."""
     data = representative_data
     if isinstance(data, tuple):
@@ -43,6 +43,11 @@ def _representative_array(representative_data, input_shape, limit):
         )
     if not np.all(np.isfinite(data)):
         raise ValueError("Expected finite `representative_data`. Received: representative_data with NaN or inf")
+    if input_range is not None and (data.min() < input_range[0] or data.max() > input_range[1]):
+        raise ValueError(f"Expected calibration inputs in the model's input range {tuple(input_range)} (inputs on "
+                         f"another scale, e.g. 0-255 for a [0, 1] model, calibrate the int8 input wrongly and the "
+                         f"file's accuracy collapses). Received: representative_data in [{data.min():.4g}, "
+                         f"{data.max():.4g}]")
     return data[:limit]
 
 
@@ -156,7 +161,8 @@ def compression_report_path(path):
     return path.with_name(path.stem + ".compression.json")
 
 
-def to_tflite(model, path, representative_data, int8=True, calibration_size=500, compress=False):
+def to_tflite(model, path, representative_data, int8=True, calibration_size=500, compress=False,
+              input_range=(0.0, 1.0)):
     """Exports `model` to a `.tflite` file that runs in TFLite Micro.
 
     Folds quantizers and batch norms into a plain Keras clone
@@ -184,6 +190,9 @@ def to_tflite(model, path, representative_data, int8=True, calibration_size=500,
         int8: full-integer int8 (True) or float32 (False) model.
         calibration_size: largest number of calibration inputs used.
         compress: store low-bit weights below int8 (needs `int8=True`).
+        input_range: the model's valid `(low, high)` inputs (default [0, 1], as
+            every tinyrobust data set but the MFCC ones); calibration inputs
+            outside it are refused. None skips the check.
 
     Returns:
         The `pathlib.Path` written.
@@ -200,7 +209,9 @@ def to_tflite(model, path, representative_data, int8=True, calibration_size=500,
     if compress and not int8:
         raise ValueError("Compression packs int8 weights below 8 bits, so it needs an int8 model. "
                          "Received: compress=True, int8=False")
-    representative = _representative_array(representative_data, model.input_shape[1:], calibration_size)
+    if input_range is not None:
+        input_range = check_range(input_range)
+    representative = _representative_array(representative_data, model.input_shape[1:], calibration_size, input_range)
     plain = fold_model(model)
     tflite_bytes = _convert(plain, representative, bool(int8))
     _check_runs_in_tflm(tflite_bytes, model.name)
@@ -342,6 +353,8 @@ class TFLiteModel:
         if x.shape[1:] != self.input_shape:
             raise ValueError(f"Expected inputs of shape (N, {', '.join(map(str, self.input_shape))}). "
                              f"Received: x with shape {x.shape}")
+        if not np.all(np.isfinite(x)):  # NaN would quantize to an arbitrary int8 value
+            raise ValueError("Expected finite inputs. Received: x with NaN or inf")
         quantized = self.quantize_inputs(x)
         outputs = np.stack([self._invoke(example) for example in quantized]) if len(x) else None
         self.queries += len(x)
