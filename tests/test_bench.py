@@ -926,3 +926,17 @@ def test_a_model_file_replaced_by_another_is_trained_again_not_evaluated_under_i
         bench.run(config, out, verbose=False)
     retrained = keras.saving.load_model(out / "models" / "a.keras")
     assert retrained.count_params() != other.count_params()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: tr.models.small_cnn(input_shape=(32, 32, 3), width=4).save(p), r"inputs of shape \(32, 32, 3\)"),
+    (lambda p: tr.models.small_cnn(num_classes=3, width=4).save(p), "gives 3 logits"),
+    (lambda p: p.write_bytes(b"not a keras file"), "does not load"),
+])
+def test_a_teacher_file_that_does_not_fit_is_refused_when_the_file_loads(tmp_path, make, message):
+    teacher = tmp_path / "teacher.keras"
+    make(teacher)
+    text = BASE.replace('options = { width = 4 }', f'options = {{ width = 4 }}\ndistill = {{ teacher = "{teacher}", '
+                        'method = "ard" }\nadversary = { method = "fgsm_rs", epsilon = 0.05 }')
+    with pytest.raises(bench.ExperimentError, match=message):
+        bench.load(_write(tmp_path, text))

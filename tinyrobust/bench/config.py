@@ -274,7 +274,7 @@ def _check_models(config):
         if model.get("seeds") is not None:
             _check_model_seeds(where, model["seeds"], config["seeds"])
         if model.get("distill") is not None:
-            _check_distill(where, model, names - {model["name"]})
+            _check_distill(where, model, names - {model["name"]}, data.info(config["dataset"]))
             teacher = next((m for m in config["models"] if m["name"] == model["distill"]["teacher"]), None)
             runs = model.get("seeds") or config["seeds"]
             taught = None if teacher is None else teacher.get("seeds") or config["seeds"]
@@ -385,7 +385,26 @@ def _check_exits(where, model, backbone):
             _number(f"{where}neokd.exit_weights", weight, low=0)
 
 
-def _check_distill(where, model, earlier):
+def _check_teacher_file(where, path, dataset_info):
+    """A teacher `.keras` file loads and fits the data set (input shape, one logit per class), before any model
+    trains."""
+    import keras
+
+    try:
+        teacher = keras.saving.load_model(path)
+    except Exception as error:  # noqa: BLE001 - a broken or foreign file, an unregistered layer: one line
+        raise ExperimentError(f"The teacher file {path} does not load ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0][:200]}). Received: {where}={str(path)!r}") from None
+    inputs, outputs = getattr(teacher, "inputs", None), getattr(teacher, "outputs", None)
+    shape = tuple(inputs[0].shape[1:]) if inputs else None
+    classes = outputs[-1].shape[-1] if outputs else None
+    if shape != tuple(dataset_info.input_shape) or classes != dataset_info.num_classes:
+        raise ExperimentError(f"The teacher file {path} takes inputs of shape {shape} and gives {classes} logits; "
+                              f"the data set has inputs of shape {tuple(dataset_info.input_shape)} and "
+                              f"{dataset_info.num_classes} classes. Received: {where}={str(path)!r}")
+
+
+def _check_distill(where, model, earlier, dataset_info):
     """A student's `distill` table: a teacher trained earlier in the file (or a `.keras` path) and a method.
 
     A teacher path is resolved against the working directory and stored absolute.
@@ -420,6 +439,7 @@ def _check_distill(where, model, earlier):
         if not path.is_file():
             raise ExperimentError(f"Teacher model file not found: {path}. Received: {where}teacher={teacher!r}")
         spec["teacher"] = str(path)
+        _check_teacher_file(f"{where}teacher", path, dataset_info)
     elif teacher not in earlier:
         raise ExperimentError(f"The teacher must be a model listed before the student, or a .keras file "
                               f"(listed before: {', '.join(sorted(earlier)) or 'none'}). Received: {where}teacher={teacher!r}")
