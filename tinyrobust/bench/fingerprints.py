@@ -61,7 +61,7 @@ def _versions(versions, extra=()):
     return {name: versions.get(name) for name in (*NUMERIC_PACKAGES, *extra)}
 
 
-def model_settings(config, spec, versions, teacher=None):
+def model_settings(config, spec, versions, teacher=None, data_digest=None):
     """The settings that decide a trained model.
 
     Args:
@@ -69,13 +69,17 @@ def model_settings(config, spec, versions, teacher=None):
         spec: the model's `specs.ModelSpec`.
         versions: package versions (`runner.versions()`).
         teacher: the fingerprint of the teacher model (distillation), or None.
+        data_digest: `tinyrobust.data.digest` of the data set, or None (left out, as before it existed).
 
     Returns:
         A JSON-serialisable dict.
     """
     model = {k: v for k, v in spec.to_dict().items() if k != "seeds"}  # which seeds run it changes no model
-    return {"dataset": config.dataset, "seed": config.seed, "train": config.train.to_dict(), "model": model,
-            "teacher": teacher, "versions": _versions(versions)}
+    settings = {"dataset": config.dataset, "seed": config.seed, "train": config.train.to_dict(), "model": model,
+                "teacher": teacher, "versions": _versions(versions)}
+    if data_digest is not None:
+        settings["data"] = data_digest
+    return settings
 
 
 def export_settings(config, model_fingerprint, versions):

@@ -111,7 +111,7 @@ def _model_settings(config, spec, out):
                 teacher_spec = config.model(name)
                 if teacher_spec is not None:
                     teacher = fingerprints.fingerprint(_model_settings(config, teacher_spec, out))
-    return fingerprints.model_settings(config, spec, versions(), teacher)
+    return fingerprints.model_settings(config, spec, versions(), teacher, data.digest(config.dataset))
 
 
 def _check_sizes(config):

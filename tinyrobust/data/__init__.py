@@ -22,7 +22,7 @@ from tinyrobust import seeding
 from tinyrobust.data import audio, fashion_mnist, synthetic_kws, tfds_sets
 from tinyrobust.validation import check_choice, check_number
 
-__all__ = ["DatasetInfo", "info", "load", "load_arrays", "load_data", "calibration_set", "NAMES"]
+__all__ = ["DatasetInfo", "digest", "info", "load", "load_arrays", "load_data", "calibration_set", "NAMES"]
 
 SPLITS = ("train", "validation", "test")
 
@@ -85,6 +85,30 @@ def info(name):
     if name not in _INFO:
         raise ValueError(f"Unknown dataset. Expected one of {list(NAMES)}. Received: name={name!r}")
     return _INFO[name]
+
+
+_DIGESTS = {}
+
+
+def digest(name):
+    """The SHA-256 (16 hex digits) of a data set's stored contents: its training and test inputs and labels.
+
+    A fingerprint that holds it tells a data set whose files changed under the same name (new keyword
+    recordings, another copy of the images) from the one a result was measured on. Computed once per process.
+    """
+    info(name)
+    if name not in _DIGESTS:
+        import hashlib
+
+        hasher = hashlib.sha256()
+        splits = ("train", "validation", "test") if info(name).native_validation else ("train", "test")
+        for split in splits:
+            raw, labels = _read_raw(name, split)
+            for array in (np.ascontiguousarray(raw), np.ascontiguousarray(labels)):
+                hasher.update(f"{split}:{array.dtype}:{array.shape}".encode())
+                hasher.update(array.tobytes())
+        _DIGESTS[name] = hasher.hexdigest()[:16]
+    return _DIGESTS[name]
 
 
 def _read_raw(name, split):
