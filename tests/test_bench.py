@@ -11,29 +11,13 @@ from tinyrobust import bench, cli
 from tinyrobust.bench import results as results_lib
 from tinyrobust.bench import per_example, runner
 
+from experiment_files import BASE, write as _write  # noqa: E402
+
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
-
-
-def _write(tmp_path, text):
-    path = tmp_path / "e.toml"
-    path.write_text(text)
-    return path
 
 
 _FGSM = 'adversary = { method = "fgsm_rs", epsilon = 0.05 }'
 
-BASE = """
-dataset = "fashion_mnist"
-[[models]]
-name = "m"
-architecture = "small_cnn"
-quantization = "stq"
-options = { width = 4 }
-[threat_models.linf]
-epsilons = [0.05]
-examples = 16
-attacks = { fgsm = { type = "FGSM" } }
-"""
 
 
 @pytest.mark.parametrize(

@@ -5,24 +5,17 @@ import pytest
 from tinyrobust import cli, data
 from tinyrobust.bench import ExperimentError, config, sweep
 
-BASE = """
-dataset = "fashion_mnist"
-[[models]]
-name = "m"
-architecture = "small_cnn"
-quantization = "stq"
-options = { width = 4 }
-jacobian = { input = 0.01 }
+from experiment_files import write as _write  # noqa: E402
+from experiment_files import BASE as _BASE  # noqa: E402
+
+BASE = _BASE.replace('options = { width = 4 }', 'options = { width = 4 }\njacobian = { input = 0.01 }') + """
 [train]
 epochs = 1
 limit = 64
-[threat_models.linf]
-epsilons = [0.05]
-examples = 16
-attacks = { fgsm = { type = "FGSM" } }
 [export]
 enabled = false
 """
+
 
 SWEEP = """
 [[sweeps]]
@@ -34,12 +27,6 @@ examples = 16
 steps = 1
 grid = { "jacobian.input" = [0.0, 0.5], "train.epochs" = [1] }
 """
-
-
-def _write(tmp_path, text):
-    path = tmp_path / "e.toml"
-    path.write_text(text)
-    return path
 
 
 def test_a_sweep_trains_every_candidate_and_selects_on_validation_data_only(tmp_path, monkeypatch):
