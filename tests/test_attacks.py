@@ -366,3 +366,12 @@ def test_labels_outside_the_models_classes_are_refused():
     for attack in (tr.attacks.PGD(0.05, steps=1), tr.attacks.Square(0.05, queries=5)):
         with pytest.raises(ValueError, match=r"class labels in \[0, 10\)"):
             attack(model, x, y + 10)
+
+
+def test_progress_in_a_log_is_one_plain_line(capsys):
+    """Redirected output (not a terminal) gets no carriage returns, backspaces or ANSI codes."""
+    model = tr.models.small_cnn(width=4)
+    x, y = tr.data.load_arrays("fashion_mnist", "test", limit=8)
+    tr.attacks.robust_accuracy(model, (x, y), {"fgsm": tr.attacks.FGSM(0.05)})
+    printed = capsys.readouterr().out
+    assert printed.strip() and not any(c in printed for c in ("\r", "\b", "\x1b"))

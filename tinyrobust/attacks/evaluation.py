@@ -3,6 +3,7 @@ per-example worst case, expectation over transformation, and checks that flag
 false robustness (Carlini et al. 2019; AutoAttack)."""
 
 import dataclasses
+import sys
 import warnings
 
 import keras
@@ -194,7 +195,7 @@ def robust_accuracy(model, data, attacks, batch_size=256, verbose=True):
     progress = None
     if verbose:  # one step per attack per batch; the total is known for arrays
         total = None if isinstance(data, tf.data.Dataset) else -(-len(data[0]) // batch_size) * len(attacks)
-        progress = keras.utils.Progbar(total, unit_name="attack batch")
+        progress = keras.utils.Progbar(total, unit_name="attack batch", verbose=1 if sys.stdout.isatty() else 2)
     step = 0
     for x, y in _batches(data, batch_size):
         logits = predict(model, x)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import pathlib
+import sys
 
 import keras
 import numpy as np
@@ -107,7 +108,8 @@ def verify(model, tflite_path, data, runtimes=("litert", "tflm"), verbose=False)
                                     and isinstance(source, pathlib.Path) else source, runtime=runtime)
                for runtime in runtimes}
     for runtime, runner in runners.items():
-        progress = keras.utils.Progbar(len(x), unit_name=f"example ({runtime})") if verbose else None
+        progress = (keras.utils.Progbar(len(x), unit_name=f"example ({runtime})", verbose=1 if sys.stdout.isatty() else 2)
+                    if verbose else None)  # a bar on a terminal, one plain line in a log
         chunks = []
         for start in range(0, len(x), 100):
             chunks.append(runner(x[start:start + 100]))
