@@ -115,8 +115,22 @@ def test_c_array_is_aligned_and_complete(tmp_path):
     assert f"fmnist_model_len = {path.stat().st_size};" in text
     body = text[text.index("{") + 1: text.index("};")]
     assert bytes(int(b, 16) for b in body.replace(",", " ").split()) == path.read_bytes()
-    arena = export.TFLiteModel(path).arena_bytes
-    assert f"#define fmnist_model_ARENA_SIZE {arena}" in header.read_text()
+    deployed = export.TFLiteModel(path)
+    arena = deployed.arena_bytes
+    written = header.read_text()
+    assert f"#define fmnist_model_ARENA_SIZE {arena}" in written
+    # What firmware needs around the array: flash, the int8 input's and output's scale and zero point, the
+    # operators to register (the resolver's template argument included).
+    assert f"#define fmnist_model_FLASH_BYTES {path.stat().st_size}" in written
+    scale, zero_point = deployed.input_scale
+    assert f"#define fmnist_model_INPUT_SCALE {scale!r}f" in written
+    assert f"#define fmnist_model_INPUT_ZERO_POINT {zero_point}" in written
+    assert "#define fmnist_model_OUTPUT_SCALE " in written and "(28, 28, 1), int8_t" in written
+    operators = export.tflite.operator_names(path.read_bytes())
+    assert f"#define fmnist_model_OPERATOR_COUNT {len(operators)}" in written
+    assert "resolver.AddConv2D();" in written and "resolver.AddFullyConnected();" in written
+    assert export.c_array.resolver_call("DEPTHWISE_CONV_2D") == "AddDepthwiseConv2D()"
+    assert export.c_array.resolver_call("TFLM_DECODE") == "AddDecode()"
     with pytest.raises(ValueError, match="Received: name='1bad'"):
         export.to_c_array(path, tmp_path / "c", "1bad")
 

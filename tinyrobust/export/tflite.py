@@ -284,6 +284,8 @@ class TFLiteModel:
             self._input_index, self._output_index = input_details["index"], output_details["index"]
         self.input_shape = tuple(int(d) for d in input_details["shape"][1:])
         self.input_dtype = np.dtype(input_details["dtype"])
+        self.output_shape = tuple(int(d) for d in output_details["shape"][1:])
+        self.output_dtype = np.dtype(output_details["dtype"])
         self._input_quantization = self._quantization(input_details)
         self._output_quantization = self._quantization(output_details)
 
@@ -313,6 +315,17 @@ class TFLiteModel:
     def input_scale(self):
         """(scale, zero_point) of the int8 input, or None for a float input."""
         return self._input_quantization
+
+    @property
+    def output_scale(self):
+        """(scale, zero_point) of the int8 output, or None for a float output."""
+        return self._output_quantization
+
+    def dtype_name(self, role):
+        """The C type of the "INPUT" or "OUTPUT" tensor (e.g. "int8_t")."""
+        dtype = self.input_dtype if role == "INPUT" else self.output_dtype
+        return {"int8": "int8_t", "uint8": "uint8_t", "int16": "int16_t", "float32": "float"}.get(dtype.name,
+                                                                                                 dtype.name)
 
     def quantize_inputs(self, x):
         """Float inputs as the interpreter's input dtype (rounded and clipped for int8)."""
