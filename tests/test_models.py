@@ -106,3 +106,18 @@ def test_zoo_by_name_and_bad_arguments():
         tr.models.wide_resnet(depth=12)
     with pytest.raises(ValueError, match="Received: alpha=0"):
         tr.models.mobilenet_v2(alpha=0)
+
+
+def test_summary_counts_each_layers_multiply_accumulates():
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(4, 3, padding="same", use_bias=False, name="conv")(inputs)  # 8*8 positions x 3*3*3*4
+    h = keras.layers.DepthwiseConv2D(3, strides=2, padding="same", name="depthwise")(h)  # 4*4 positions x 3*3*4
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    outputs = keras.layers.Dense(5, name="dense")(h)  # 4 x 5
+    footprint = tr.summary(keras.Model(inputs, outputs), print_fn=None)
+    macs = {row.name: row.macs for row in footprint.layers}
+    assert macs == {"conv": 64 * 108, "depthwise": 16 * 36, "dense": 20}
+    assert footprint.macs == 64 * 108 + 16 * 36 + 20 and "MACs" in footprint.to_table()
+    assert footprint.to_dict()["macs"] == footprint.macs

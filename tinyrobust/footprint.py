@@ -25,6 +25,8 @@ class LayerFootprint:
             int32 biases; batch norm folded into a per-channel int32 bias).
         packed_bytes: weight bytes with ideal packing at the quantizers'
             precision (kernels at `bits`, biases at their quantizer's bits).
+        macs: multiply-accumulates of one inference (convolutions, depthwise
+            convolutions and dense layers; 0 for the rest).
     """
 
     name: str
@@ -33,6 +35,7 @@ class LayerFootprint:
     bits: int
     int8_bytes: int
     packed_bytes: int
+    macs: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,19 +56,26 @@ class Footprint:
     def packed_bytes(self):
         return sum(row.packed_bytes for row in self.layers)
 
+    @property
+    def macs(self):
+        """Multiply-accumulates of one inference, summed over the layers."""
+        return sum(row.macs for row in self.layers)
+
     def __repr__(self):  # what a REPL echoes after `tr.summary(model)` printed the table: one line
         return (f"Footprint({len(self.layers)} layers, {self.params:,} params, {self.int8_bytes / 1024:.2f} KB at "
-                f"int8, {self.packed_bytes / 1024:.2f} KB packed)")
+                f"int8, {self.packed_bytes / 1024:.2f} KB packed, {self.macs:,} MACs)")
 
     def to_table(self):
         """Returns the footprint as a plain-text table."""
-        header = ("layer", "type", "params", "bits", "int8 B", "packed B")
+        header = ("layer", "type", "params", "bits", "int8 B", "packed B", "MACs")
         rows = [
-            (r.name, r.kind, f"{r.params:,}", str(r.bits or "-"), f"{r.int8_bytes:,}", f"{r.packed_bytes:,.0f}")
+            (r.name, r.kind, f"{r.params:,}", str(r.bits or "-"), f"{r.int8_bytes:,}", f"{r.packed_bytes:,.0f}",
+             f"{r.macs:,}" if r.macs else "-")
             for r in self.layers
         ]
         rows.append(
-            ("total", "", f"{self.params:,}", "", f"{self.int8_bytes / 1024:.2f} KB", f"{self.packed_bytes / 1024:.2f} KB")
+            ("total", "", f"{self.params:,}", "", f"{self.int8_bytes / 1024:.2f} KB", f"{self.packed_bytes / 1024:.2f} KB",
+             f"{self.macs:,}")
         )
         widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
         lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths))]
@@ -79,11 +89,29 @@ class Footprint:
             "params": self.params,
             "int8_bytes": self.int8_bytes,
             "packed_bytes": self.packed_bytes,
+            "macs": self.macs,
         }
 
 
 def _bits(quantizer):
     return _FLOAT_BITS if quantizer is None else int(quantizer.precision)
+
+
+def layer_macs(layer):
+    """Multiply-accumulates of one call of a layer with a kernel (convolution, depthwise convolution, dense):
+    the kernel's size times the output's spatial positions; 0 for other layers."""
+    kernel = getattr(layer, "depthwise_kernel", None)
+    kernel = getattr(layer, "kernel", None) if kernel is None else kernel
+    if kernel is None:
+        return 0
+    spatial = [d for d in layer.output.shape[1:-1] if d is not None]
+    positions = 1
+    for d in spatial:
+        positions *= int(d)
+    size = 1
+    for d in kernel.shape:
+        size *= int(d)
+    return positions * size
 
 
 def _layer_footprint(layer):
@@ -108,7 +136,7 @@ def _layer_footprint(layer):
         kernel_bits = bias_bits = _FLOAT_BITS
     int8 = kernel_size + bias_size * _INT8_BIAS_BYTES
     packed = (kernel_size * kernel_bits + bias_size * bias_bits) / 8
-    return LayerFootprint(layer.name, kind, params, kernel_bits, int8, int(round(packed)))
+    return LayerFootprint(layer.name, kind, params, kernel_bits, int8, int(round(packed)), layer_macs(layer))
 
 
 def _leaf_layers(model):

@@ -13,6 +13,7 @@ import tensorflow as tf
 from keras import ops
 
 from tinyrobust import models
+from tinyrobust.footprint import layer_macs
 from tinyrobust.attacks import kernels
 from tinyrobust.attacks.base import Attack
 from tinyrobust.training import Objective, RobustModel, Untracked, input_adversary
@@ -91,15 +92,6 @@ def final_exit(model, name=None):
     return keras.Model(models.inputs_of(model), model.outputs[-1], name=name)
 
 
-def _layer_macs(layer):
-    """Multiply-accumulates of one call of a layer with a kernel (conv, depthwise conv, dense)."""
-    kernel = getattr(layer, "kernel", None) if not hasattr(layer, "depthwise_kernel") else layer.depthwise_kernel
-    if kernel is None:
-        return 0
-    spatial = layer.output.shape[1:-1]
-    return int(np.prod([d for d in spatial if d is not None] or [1]) * np.prod(kernel.shape))
-
-
 def exit_macs(model):
     """Cumulative multiply-accumulates to reach each exit (earlier exits' heads included).
 
@@ -111,7 +103,7 @@ def exit_macs(model):
         for layer in keras.Model(models.inputs_of(model), output).layers:
             if layer.name not in seen:
                 seen.add(layer.name)
-                total += _layer_macs(layer)
+                total += layer_macs(layer)
         totals.append(total)
     return totals
 
