@@ -18,22 +18,21 @@ from tinyrobust.export.compress import (
     plan_compression,
 )
 from tinyrobust.export.deploy import export_and_verify
+from tinyrobust.export.flatbuffer import (
+    compression_report_path,
+    kernel_values_per_channel,
+    operator_names,
+    uncompressed_path,
+)
 from tinyrobust.export.fold import (
     FoldedBatchNorm,
     distinct_values_per_channel,
     fold_model,
     fold_quantized_weights,
 )
+from tinyrobust.export.interpreter import RUNTIMES, TFLiteModel
 from tinyrobust.export.parity import ParityReport, verify
-from tinyrobust.export.tflite import (
-    RUNTIMES,
-    TFLiteModel,
-    compression_report_path,
-    kernel_values_per_channel,
-    operator_names,
-    to_tflite,
-    uncompressed_path,
-)
+from tinyrobust.export.tflite import to_tflite
 
 __all__ = [
     "CompressionReport",

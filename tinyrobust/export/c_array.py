@@ -5,7 +5,8 @@ import re
 
 from tinyrobust import files
 from tinyrobust.export.compress import is_compressed
-from tinyrobust.export.tflite import TFLiteModel, operator_names
+from tinyrobust.export.flatbuffer import operator_names
+from tinyrobust.export.interpreter import TFLiteModel
 
 _ALIGNMENT = 16
 

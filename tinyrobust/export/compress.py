@@ -21,10 +21,11 @@ import tempfile
 import numpy as np
 
 from tinyrobust._silence import captured_output
+from tinyrobust.export.flatbuffer import DECODE_OPERATOR, _operators, operator_names
+from tinyrobust.export.interpreter import TFLiteModel
 from tinyrobust.files import write_json
 
 TFLITE_MICRO_VERSION = "0.dev20261023182759"
-DECODE_OPERATOR = "TFLM_DECODE"
 MAX_BITS = 4
 RANDOM_CHECK_INPUTS = 64
 _WEIGHT_INPUT = {"CONV_2D": 1, "DEPTHWISE_CONV_2D": 1, "FULLY_CONNECTED": 1}
@@ -176,7 +177,6 @@ def plan_compression(tflite_bytes, max_bits=MAX_BITS):
     """
     from tflite_micro.python.tflite_micro import runtime
 
-    from tinyrobust.export.tflite import _operators
 
     plans, seen = [], set()
     for model, subgraph, op, op_name in _operators(tflite_bytes):
@@ -266,7 +266,6 @@ def compress_tflite(tflite_bytes, check_inputs=None, plan=None):
             does not run in TFLite Micro or differs from the int8 model.
         ImportError: the installed tflite-micro lacks the compression API.
     """
-    from tinyrobust.export.tflite import TFLiteModel
 
     compression, spec, editor, align = _api()
     plan = plan_compression(tflite_bytes) if plan is None else list(plan)
@@ -308,6 +307,5 @@ def compress_tflite(tflite_bytes, check_inputs=None, plan=None):
 
 def is_compressed(tflite_bytes):
     """Whether a `.tflite` flatbuffer holds `TFLM_DECODE` operators (runs only in TFLite Micro)."""
-    from tinyrobust.export.tflite import operator_names
 
     return DECODE_OPERATOR in operator_names(tflite_bytes)

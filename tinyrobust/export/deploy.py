@@ -5,8 +5,9 @@ import pathlib
 from tinyrobust import files
 from tinyrobust.export.c_array import check_identifier, to_c_array
 from tinyrobust.export.compress import CompressionReport
+from tinyrobust.export.flatbuffer import compression_report_path
 from tinyrobust.export.parity import verify
-from tinyrobust.export.tflite import compression_report_path, to_tflite
+from tinyrobust.export.tflite import to_tflite
 
 
 def export_and_verify(model, out_dir, name, representative_data, validation_data, runtimes=("litert", "tflm"),

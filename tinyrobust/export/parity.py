@@ -8,7 +8,8 @@ import keras
 import numpy as np
 
 from tinyrobust.export.compress import is_compressed
-from tinyrobust.export.tflite import RUNTIMES, TFLiteModel, uncompressed_path
+from tinyrobust.export.flatbuffer import uncompressed_path
+from tinyrobust.export.interpreter import RUNTIMES, TFLiteModel
 from tinyrobust.validation import check_labels
 
 
