@@ -201,7 +201,8 @@ def hosts(rows):
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 PLOTS = (("accuracy_vs_eps_linf_worst.png", "worst-case accuracy vs eps"),
-         ("accuracy_vs_size_linf.png", "accuracy vs flash bytes of the shipped file"))
+         ("accuracy_vs_size_linf.png", "accuracy vs flash bytes of the shipped file"),
+         ("accuracy_vs_arena_linf.png", "accuracy vs its TFLite Micro arena bytes"))
 
 
 def write_readme_section(readme, markdown, profile, results_folder):

@@ -391,7 +391,8 @@ _LOSS_TERMS = ("ce", "clean_ce", "robust_kl", "distill", "natural_kl", "nkd", "e
 
 
 def plots(results, folder):
-    """PNG plots: accuracy vs eps per attack (a line per model), and accuracy vs model size.
+    """PNG plots: accuracy vs eps per attack (a line per model), and accuracy vs the shipped file's flash and
+    TFLite Micro arena bytes.
 
     A model run with several seeds is drawn at its mean over seeds.
 
@@ -428,31 +429,35 @@ def plots(results, folder):
             figure.savefig(path, dpi=100)
             plt.close(figure)
             written.append(path)
-        figure, axis = plt.subplots(figsize=(5.5, 3.8))
-        markers = dict(zip(epsilons, itertools.cycle("x^svDP*")))  # a marker per radius; the colour is the model
-        model_handles = []  # in the legend, not as labels by the points: models of one size would overlap
-        for i, group in enumerate(groups):
-            if not _deployed(group[0]):  # not exported: no shipped file to measure
-                continue
-            size = _deployed(group[0])["model_bytes"] / 1024
-            clean = _mean(r["clean_accuracy"] for r in group)
-            axis.scatter([size], [clean], marker="o", color=f"C{i}")
-            for e, marker in markers.items():
-                worst = _mean(r["worst_case"].get(e) for r in group)
-                if worst is not None:
-                    axis.scatter([size], [worst], marker=marker, color=f"C{i}")
-            model_handles.append(plt.Rectangle((0, 0), 1, 1, color=f"C{i}", label=group[0]["model"]["name"]))
-        axis.legend(handles=model_handles
-                    + [plt.Line2D([], [], color="k", marker="o", linestyle="", label="clean")]
-                    + [plt.Line2D([], [], color="k", marker=m, linestyle="", label=f"worst, eps {e}")
-                       for e, m in markers.items()], fontsize="x-small")
-        axis.set(xlabel="flash bytes of the shipped .tflite (KB)", ylabel="accuracy (mean over seeds)",
-                 ylim=(0, 1), title=f"{rows[0]['experiment']}: accuracy vs size ({norm})")
-        figure.tight_layout()
-        path = folder / f"accuracy_vs_size_{norm}.png"
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        written.append(path)
+        # Accuracy against the shipped file's flash, and against its TFLite Micro arena (RAM is often the scarcer).
+        for measure, key, label, stem in (
+                ("flash", "model_bytes", "flash bytes of the shipped .tflite (KB)", "accuracy_vs_size"),
+                ("arena", "arena_bytes", "TFLite Micro arena bytes of the shipped .tflite (KB)", "accuracy_vs_arena")):
+            figure, axis = plt.subplots(figsize=(5.5, 3.8))
+            markers = dict(zip(epsilons, itertools.cycle("x^svDP*")))  # a marker per radius; the colour: the model
+            model_handles = []  # in the legend, not as labels by the points: models of one size would overlap
+            for i, group in enumerate(groups):
+                if not _deployed(group[0]):  # not exported: no shipped file to measure
+                    continue
+                size = _deployed(group[0])[key] / 1024
+                clean = _mean(r["clean_accuracy"] for r in group)
+                axis.scatter([size], [clean], marker="o", color=f"C{i}")
+                for e, marker in markers.items():
+                    worst = _mean(r["worst_case"].get(e) for r in group)
+                    if worst is not None:
+                        axis.scatter([size], [worst], marker=marker, color=f"C{i}")
+                model_handles.append(plt.Rectangle((0, 0), 1, 1, color=f"C{i}", label=group[0]["model"]["name"]))
+            axis.legend(handles=model_handles
+                        + [plt.Line2D([], [], color="k", marker="o", linestyle="", label="clean")]
+                        + [plt.Line2D([], [], color="k", marker=m, linestyle="", label=f"worst, eps {e}")
+                           for e, m in markers.items()], fontsize="x-small")
+            axis.set(xlabel=label, ylabel="accuracy (mean over seeds)", ylim=(0, 1),
+                     title=f"{rows[0]['experiment']}: accuracy vs {measure} ({norm})")
+            figure.tight_layout()
+            path = folder / f"{stem}_{norm}.png"
+            figure.savefig(path, dpi=100)
+            plt.close(figure)
+            written.append(path)
     return written
 
 
