@@ -276,7 +276,7 @@ def test_smoke_run_end_to_end_resumes_and_reports(tmp_path, capsys):
         assert cli.main(["report", str(out)]) == 0
     model_file = out / "models" / "float.keras"
     model_file.write_bytes(model_file.read_bytes()[:1000])
-    with pytest.warns(UserWarning, match="float.keras is corrupt"):
+    with pytest.warns(UserWarning, match="float.keras is (corrupt|not the file its record)"):  # its digest differs
         assert cli.main(argv[:-1]) == 0
     assert json.loads(result_file.read_text())["clean_accuracy"] == flt["clean_accuracy"]  # retrained, same seed
 

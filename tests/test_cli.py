@@ -41,6 +41,7 @@ def test_recorded_command_is_shell_quoted(monkeypatch, tmp_path):
         seen.update(command=command)
         out.mkdir(parents=True)
         (out / "report.md").write_text("report\n")
+        return []
 
     monkeypatch.setattr(bench, "run", run)
     monkeypatch.setattr(bench, "load", lambda path, profile=None: types.SimpleNamespace(name="x", profile=profile))

@@ -21,7 +21,8 @@ def test_every_method_names_its_adversary_or_jacobian(script):
 def test_the_summary_is_the_mean_and_spread_over_seeds_with_collapses_counted(script):
     def run(method, seed, cpu, clean, worst, collapsed=False):
         return {"method": method, "seed": seed, "epsilon": 0.1, "train_cpu_s": cpu, "clean_validation": clean,
-                "worst_validation": worst, "collapsed": collapsed}
+                "worst_validation": worst, "collapsed": collapsed, "robust_validation": {"fgsm": worst + 0.1},
+                "pgd10_check_per_epoch": [0.2, 0.5, worst]}
 
     rows = {r["method"]: r for r in script.summarise([
         run("none", 0, 10.0, 0.9, 0.0), run("none", 1, 12.0, 0.9, 0.0),
@@ -29,6 +30,7 @@ def test_the_summary_is_the_mean_and_spread_over_seeds_with_collapses_counted(sc
     assert rows["fgsm_rs"]["cost_vs_plain"] == pytest.approx(2.0)
     assert rows["fgsm_rs"]["worst_validation"][0] == pytest.approx(0.25) and rows["fgsm_rs"]["collapsed"] == 1
     assert rows["none"]["seeds"] == [0, 1]
+    assert rows["fgsm_rs"]["check_first_best_last"] == pytest.approx([0.2, 0.5, 0.25])
 
 
 @pytest.mark.parametrize("argv, message", [

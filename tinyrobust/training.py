@@ -528,6 +528,12 @@ class RobustModel(keras.Model):
                           "clean_metrics=True to log them on the clean inputs at one inference pass a step.",
                           stacklevel=2)
 
+    def compile_from_config(self, config):
+        """Compiles a loaded model with its saved compile settings (Keras skips a `compile` it did not write)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if getattr(self, "optimizer", None) is not None and self.built:
+            self.optimizer.build(self.trainable_variables)
+
     def random_stream(self, name):
         """The `keras.random.SeedGenerator` of the random stream `name` ("projection", "attack", or one of
         the objective's `seeds`)."""
