@@ -38,9 +38,14 @@ def _is_the_command_line():
     return os.path.basename(sys.argv[0] if sys.argv else "") == "tinyrobust"
 
 
+def _import_all():
+    """Imports every part, so every class is registered with Keras (saved tinyrobust models load)."""
+    for name in _SUBMODULES:
+        importlib.import_module(f"tinyrobust.{name}")
+
+
 if not _is_the_command_line():
-    for _name in _SUBMODULES:
-        importlib.import_module(f"tinyrobust.{_name}")
+    _import_all()
     from tinyrobust.footprint import summary  # noqa: E402
     from tinyrobust.jacobian import JacobianRegularizer  # noqa: E402
     from tinyrobust.training import AdversarialTraining, RobustModel  # noqa: E402

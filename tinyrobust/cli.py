@@ -2,7 +2,6 @@
 
 import argparse
 import errno
-import importlib
 import os
 import pathlib
 import shlex
@@ -33,11 +32,15 @@ def _quiet_tensorflow():
     tf.get_logger().setLevel("ERROR")  # retracing notices from per-shape attack functions
     import tinyrobust
 
-    for name in tinyrobust._SUBMODULES:  # every class registered, so saved tinyrobust models load
-        importlib.import_module(f"tinyrobust.{name}")
+    tinyrobust._import_all()
 
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _output_folder(args, experiment):
+    """`--out`, or `runs/<experiment>/<profile or base>`."""
+    return pathlib.Path(args.out or pathlib.Path("runs") / experiment / (args.profile or "base"))
 
 
 def _bench(args):
@@ -46,7 +49,7 @@ def _bench(args):
     config = bench.load(args.experiment, profile=args.profile)
     if getattr(args, "models", None):
         config = bench.select_models(config, [n.strip() for n in args.models.split(",") if n.strip()])
-    out = pathlib.Path(args.out or pathlib.Path("runs") / config.name / (args.profile or "base"))
+    out = _output_folder(args, config.name)
     command = shlex.join(["tinyrobust", *args.argv])  # quoted: it can be pasted into a shell
     start = time.perf_counter()
     results = bench.run(config, out, command=command, verbose=not args.quiet, fresh=args.fresh)
@@ -66,8 +69,7 @@ def _sweep(args):
     if not sweeps:
         raise ValueError(f"The experiment has no [[sweeps]]{f' of model {args.model!r}' if args.model else ''}. "
                          f"Received: experiment={args.experiment!r}")
-    name = pathlib.Path(args.experiment).stem
-    out = pathlib.Path(args.out or pathlib.Path("runs") / name / (args.profile or "base"))
+    out = _output_folder(args, sweeps[0].candidates[0][1].name)
     command = shlex.join(["tinyrobust", *args.argv])
     for sweep in sweeps:
         record = sweep_lib.run(sweep, out, command=command, verbose=not args.quiet, fresh=args.fresh)

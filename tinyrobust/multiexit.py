@@ -13,9 +13,9 @@ import tensorflow as tf
 from keras import ops
 
 from tinyrobust import models
-from tinyrobust.footprint import layer_macs
 from tinyrobust.attacks import kernels
 from tinyrobust.attacks.base import Attack
+from tinyrobust.footprint import layer_macs
 from tinyrobust.training import Objective, RobustModel, Untracked, input_adversary
 from tinyrobust.validation import check_bool, check_choice, check_number
 

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from tinyrobust.attacks import kernels
 from tinyrobust.attacks.threat import ThreatModel, check_epsilon
-from tinyrobust.validation import check_choice, check_labels, check_number, check_range
+from tinyrobust.validation import check_bool, check_choice, check_labels, check_number, check_range
 
 
 def check_epsilons(eps):
@@ -37,6 +37,19 @@ def logits_function(model):
         fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
         object.__setattr__(model, "_tinyrobust_logits", fn)  # untracked by Keras; not saved
     return fn
+
+
+def matching_epsilon(epsilons, eps, done="evaluated"):
+    """The index in `epsilons` of the radius equal to `eps` by value (8 / 255 finds 0.03137254901960784).
+
+    Raises:
+        ValueError: naming the radii there are.
+    """
+    for i, e in enumerate(epsilons):
+        if np.isclose(float(e), float(eps), rtol=1e-9, atol=1e-12):
+            return i
+    raise ValueError(f"Not {done} at this radius (radii: {', '.join(f'{float(e):g}' for e in epsilons)}). "
+                     f"Received: eps={eps!r}")
 
 
 def input_shape_of(model):
@@ -102,11 +115,7 @@ class AttackResult:
 
     def success_rate(self, eps):
         """The share of examples the attack succeeded on at radius `eps` (matched by value)."""
-        for e, success in zip(self.epsilons, self.success):
-            if np.isclose(e, float(eps), rtol=1e-9, atol=1e-12):
-                return float(np.mean(success))
-        raise ValueError(f"Not attacked at this radius (radii: {', '.join(f'{e:g}' for e in self.epsilons)}). "
-                         f"Received: eps={eps!r}")
+        return float(np.mean(self.success[matching_epsilon(self.epsilons, eps, "attacked")]))
 
     def __repr__(self):  # the arrays stay out: a batch of images is not a readable repr
         rates = ", ".join(f"{e:.4g}: {100 * np.mean(s):.1f}%" for e, s in zip(self.epsilons, self.success))
@@ -134,9 +143,7 @@ class Attack:
     def __init__(self, eps, norm="linf", targeted=False, input_range=(0.0, 1.0), seed=0):
         self.epsilons = check_epsilons(eps)
         self.norm = check_choice("norm", norm, self.norms)
-        if not isinstance(targeted, bool):
-            raise ValueError(f"Expected `targeted` to be True or False. Received: targeted={targeted!r}")
-        self.targeted = targeted
+        self.targeted = check_bool("targeted", targeted)
         self.input_range = check_range(input_range)
         for value in self.epsilons:
             check_epsilon(value, self.norm, self.input_range, name="eps")

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from tinyrobust.attacks import blackbox, gradient, kernels, suites
-from tinyrobust.attacks.base import Attack, labels_of, logits_function, predict
+from tinyrobust.attacks.base import Attack, labels_of, logits_function, matching_epsilon, predict
 from tinyrobust.validation import check_labels, check_number
 
 __all__ = ["EOT", "RobustnessReport", "robust_accuracy", "CheckReport", "check_model"]
@@ -104,11 +104,7 @@ class RobustnessReport:
         Raises:
             ValueError: naming the radii evaluated.
         """
-        matched = [e for e in self.worst if np.isclose(float(e), float(eps), rtol=1e-9, atol=1e-12)]
-        if not matched:
-            raise ValueError(f"Not evaluated at this radius (radii: {', '.join(f'{e:g}' for e in self.worst)}). "
-                             f"Received: eps={eps!r}")
-        (e,) = matched
+        e = self.epsilons[matching_epsilon(self.epsilons, eps)]
         row = {name: float(per[e].mean()) for name, per in self.attacks.items() if e in per}
         return {**row, "worst": float(self.worst[e].mean())}
 

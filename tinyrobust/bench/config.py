@@ -23,6 +23,7 @@ import tomllib
 from collections.abc import Mapping
 
 from tinyrobust import attacks, data, distill, distribute, models, multiexit, quantizers, training
+from tinyrobust.attacks.base import classes_of, input_shape_of
 from tinyrobust.bench.specs import Experiment
 from tinyrobust.validation import check_number
 
@@ -395,9 +396,7 @@ def _check_teacher_file(where, path, dataset_info):
     except Exception as error:  # noqa: BLE001 - a broken or foreign file, an unregistered layer: one line
         raise ExperimentError(f"The teacher file {path} does not load ({type(error).__name__}: "
                               f"{str(error).splitlines()[0][:200]}). Received: {where}={str(path)!r}") from None
-    inputs, outputs = getattr(teacher, "inputs", None), getattr(teacher, "outputs", None)
-    shape = tuple(inputs[0].shape[1:]) if inputs else None
-    classes = outputs[-1].shape[-1] if outputs else None
+    shape, classes = input_shape_of(teacher), classes_of(teacher)
     if shape != tuple(dataset_info.input_shape) or classes != dataset_info.num_classes:
         raise ExperimentError(f"The teacher file {path} takes inputs of shape {shape} and gives {classes} logits; "
                               f"the data set has inputs of shape {tuple(dataset_info.input_shape)} and "

@@ -190,6 +190,15 @@ def _delete_earlier_work(config, out, say):
             say(f"{name}: earlier work deleted (--fresh)")
 
 
+def _prepare_folder(config, out, fresh, say):
+    """Before any work: `--fresh` deletes the models' earlier work in `out`, otherwise work made with other
+    settings stops the run (`_check_earlier_work`)."""
+    if fresh:
+        _delete_earlier_work(config, out, say)
+    else:
+        _check_earlier_work(config, out)
+
+
 class _Say:
     def __init__(self, verbose):
         self.verbose = verbose
@@ -618,16 +627,12 @@ def run(config, out_dir, command="", verbose=True, fresh=False):
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ValueError(f"Cannot create the output folder ({error.strerror}). Received: out_dir={str(out)!r}") from None
-    with _lock(out):
+    with files.folder_lock(out):
         seeds = list(config.seeds)
         _check_sizes(config)
         folders = {seed: out if len(seeds) == 1 else out / f"seed_{seed}" for seed in seeds}
         for seed, folder in folders.items():  # before any work
-            seeded = config.with_seed(seed)
-            if fresh:
-                _delete_earlier_work(seeded, folder, say)
-            else:
-                _check_earlier_work(seeded, folder)
+            _prepare_folder(config.with_seed(seed), folder, fresh, say)
         files.write_json(out / "experiment.json", config.to_dict())
         all_results = []
         for seed in seeds:
@@ -662,20 +667,12 @@ def train_all(config, out_dir, verbose=True, fresh=False):
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     trained = {}
-    with _lock(out):
-        if fresh:
-            _delete_earlier_work(config, out, say)
-        else:
-            _check_earlier_work(config, out)
+    with files.folder_lock(out):
+        _prepare_folder(config, out, fresh, say)
         for spec in config.models:
             say(f"{spec.name}: training {spec.architecture} ({spec.quantization}) on {config.dataset}")
             trained[spec.name] = train(config, spec, out, verbose)
     return trained
-
-
-def _lock(out):
-    """The run folder's lock (`files.folder_lock`)."""
-    return files.folder_lock(out)
 
 
 def _with_earlier_results(results, out, config, seeds):
