@@ -45,6 +45,9 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
 METHODS = ("none", "pgd10", "pgd3", "trades3", "fgsm_rs", "n_fgsm", "grad_align", "jr", "jr_quarter")
 ONE_STEP = ("fgsm_rs", "n_fgsm", "grad_align")
 JR_WEIGHTS = {"input": 0.05, "relu_2": 0.02}
@@ -71,8 +74,6 @@ def method_settings(name, epsilon):
 
 def run_one(name, seed, args):
     """Trains and measures one method at one seed; returns its record."""
-    import keras
-    import numpy as np
     import tensorflow as tf
 
     import tinyrobust as tr
@@ -112,31 +113,29 @@ def run_one(name, seed, args):
             "best_check_epoch": clock.history.index(best) + 1}
 
 
-class _Clock:
-    """A Keras callback timing the training batches of each epoch, then running the held-out PGD-10 check
-    outside the timed part."""
+class _Clock(keras.callbacks.Callback):
+    """Times the training batches of each epoch, then runs the held-out PGD-10 check outside the timed part.
 
-    def __new__(cls, network, check, x, y):
-        import keras
-        import numpy as np
+    Attributes:
+        cpu, wall: seconds of training (process CPU, both cores; and wall).
+        history: the check's accuracy after each epoch.
+    """
 
-        class Clock(keras.callbacks.Callback):
-            def __init__(self):
-                super().__init__()
-                self.cpu = self.wall = 0.0
-                self.history = []
+    def __init__(self, network, check, x, y):
+        super().__init__()
+        self.network, self.check, self.x, self.y = network, check, x, y
+        self.cpu = self.wall = 0.0
+        self.history = []
 
-            def on_epoch_begin(self, epoch, logs=None):
-                self._start = (time.process_time(), time.perf_counter())
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = (time.process_time(), time.perf_counter())
 
-            def on_epoch_end(self, epoch, logs=None):
-                self.cpu += time.process_time() - self._start[0]
-                self.wall += time.perf_counter() - self._start[1]
-                x_adv = check(network, x, y)
-                predicted = np.argmax(network.predict(x_adv, batch_size=500, verbose=0), -1)
-                self.history.append(float(np.mean(predicted == y)))
-
-        return Clock()
+    def on_epoch_end(self, epoch, logs=None):
+        self.cpu += time.process_time() - self._start[0]
+        self.wall += time.perf_counter() - self._start[1]
+        x_adv = self.check(self.network, self.x, self.y)
+        predicted = np.argmax(self.network.predict(x_adv, batch_size=500, verbose=0), -1)
+        self.history.append(float(np.mean(predicted == self.y)))
 
 
 def settings(args):
