@@ -22,7 +22,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 
-from tinyrobust import attacks, data, distill, distribute, models, multiexit, quantizers, training
+from tinyrobust import attacks, data, distill, distribute, export, models, multiexit, quantizers, training
 from tinyrobust.attacks.base import classes_of, input_shape_of
 from tinyrobust.bench.specs import Experiment
 from tinyrobust.validation import check_number
@@ -57,7 +57,7 @@ _ADVERSARY = {"method", "epsilon", "steps", "step_size", "beta", "noise", "align
 _THREAT = {"epsilons", "examples", "attacks", "suite", "multi_exit", "deployed_epsilons"}
 _SUITE = {"name", "steps", "target_classes", "queries"}
 _EXPORT = {"enabled", "compress", "calibration_size", "parity_examples", "deployed_examples", "deployed_attacks",
-           "deployed_queries"}
+           "deployed_queries", "arena_limit"}
 _DEPLOYED_ATTACKS = ("transfer", "square", "hopskipjump")
 _DEFAULTS = {
     "seed": 0,
@@ -65,7 +65,7 @@ _DEFAULTS = {
               "validation_fraction": 0.1, "distribute": None, "schedule": None, "warmup_epochs": None,
               "jacobian_ramp_epochs": None, "epsilon_ramp_epochs": None, "noise_anneal_epochs": None},
     "export": {"enabled": True, "compress": True, "calibration_size": 500, "parity_examples": 1000, "deployed_examples": None,
-               "deployed_attacks": ["transfer", "square"], "deployed_queries": 200},
+               "deployed_attacks": ["transfer", "square"], "deployed_queries": 200, "arena_limit": export.ARENA_LIMIT},
 }
 
 
@@ -659,6 +659,17 @@ def _experiment(raw, path, profile):
     for key in ("calibration_size", "parity_examples", "deployed_examples", "deployed_queries"):
         if config["export"][key] is not None:  # deployed_examples: None until the threat models are known
             _number(f"export.{key}", config["export"][key], low=1, integer=True)
+    limit = config["export"]["arena_limit"]
+    if limit == "none":  # the smallest flash, whatever the arena
+        config["export"]["arena_limit"] = limit = None
+    try:
+        export.compress.check_arena_limit(limit)
+    except ValueError:
+        raise ExperimentError("Expected `export.arena_limit` to be a number >= 1 (the largest TFLite Micro arena of a "
+                              "compressed file, as a multiple of the int8 file's) or \"none\" (the smallest flash). "
+                              f"Received: export.arena_limit={limit!r}") from None
+    if not config["export"]["compress"]:
+        config["export"]["arena_limit"] = None  # only compressed files have kernels to group
     for attack in config["export"]["deployed_attacks"]:
         if attack not in _DEPLOYED_ATTACKS:
             raise ExperimentError(f"Unknown deployed attack (allowed: {', '.join(_DEPLOYED_ATTACKS)}). "

@@ -84,8 +84,9 @@ def model_settings(config, spec, versions, teacher=None, data_digest=None):
 
 def export_settings(config, model_fingerprint, versions):
     """The settings that decide the exported files and their parity record."""
-    keys = ("compress", "calibration_size", "parity_examples")
-    return {"model": model_fingerprint, "export": {k: config.export.to_dict()[k] for k in keys},
+    keys = ("compress", "calibration_size", "parity_examples", "arena_limit")
+    settings = config.export.to_dict()
+    return {"model": model_fingerprint, "export": {k: settings[k] for k in keys if k in settings},
             "versions": _versions(versions, ("tflite_micro",))}
 
 

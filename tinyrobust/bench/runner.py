@@ -479,7 +479,8 @@ def _deployed(config, spec, model, attacked, cascade, out, x, y, threat, say, mo
         start = time.perf_counter()
         export.export_and_verify(model, out / "export", name, calibration, (x_parity, y_parity), runtimes=("tflm",),
                                  record=provenance, verbose=say.verbose, compress=settings.compress,
-                                 input_range=data.info(config.dataset).input_range)
+                                 input_range=data.info(config.dataset).input_range,
+                                 arena_limit=settings.arena_limit)
         if timings is not None:
             timings["export"] = time.perf_counter() - start
     parity = json.loads(parity_path.read_text())
@@ -521,7 +522,13 @@ def _deployed(config, spec, model, attacked, cascade, out, x, y, threat, say, mo
             f"eps {', '.join(below)} is below one int8 input step ({scale:.4g}) of the deployed model: most of such a "
             f"perturbation vanishes in the device's input quantization.")
     compression = parity.get("compression")
-    record = {"model_bytes": parity["model_bytes"], "arena_bytes": parity["arena_bytes"], "compress": settings.compress,
+    # Host interpreter time per inference, and the int8 file's: their ratio is the DECODE overhead (not an MCU's time).
+    timed = {"seconds_per_inference": deployed.seconds_per_inference(x_d, runs=_TIMED_RUNS)}
+    if compression and compression["compressed"]:
+        int8_file = export.TFLiteModel(export.uncompressed_path(out / "export" / f"{name}.tflite"))
+        timed["int8_seconds_per_inference"] = int8_file.seconds_per_inference(x_d, runs=_TIMED_RUNS)
+        timed["channel_groups"] = compression.get("groups") or {}
+    record = {**timed, "model_bytes": parity["model_bytes"], "arena_bytes": parity["arena_bytes"], "compress": settings.compress,
               "compressed": bool(compression and compression["compressed"]),
               "int8_model_bytes": compression["int8_bytes"] if compression else parity["model_bytes"],
               "int8_arena_bytes": compression["int8_arena_bytes"] if compression else parity["arena_bytes"],
@@ -537,6 +544,9 @@ def _deployed(config, spec, model, attacked, cascade, out, x, y, threat, say, mo
               "per_example": per_example.record(clean, worst_correct)}
     files.write_json(record_path, record)
     return record
+
+
+_TIMED_RUNS = 100  # timed TFLite Micro invocations per file in the deployed record
 
 
 def _transfer_source(cascade, threat, epsilons, input_range, seed):

@@ -126,6 +126,14 @@ class Deployed:
     compressed: Optional[bool] = _field("whether the shipped file holds LUT-compressed weights", None)
     int8_model_bytes: Optional[int] = _field("flash bytes of the plain int8 file", None)
     int8_arena_bytes: Optional[int] = _field("arena bytes of the plain int8 file", None)
+    channel_groups: Optional[dict[str, int]] = _field(
+        "operators of the compressed file run in output-channel groups to bound its arena ({'<index> <OPERATOR>': "
+        "groups}; absent before arena bounding)", None)
+    seconds_per_inference: Optional[float] = _field(
+        "median host TFLite Micro interpreter time of one inference of the shipped file (not a microcontroller's "
+        "time; absent before it was measured)", None)
+    int8_seconds_per_inference: Optional[float] = _field(
+        "the same for the int8 file, when the shipped file is compressed: the ratio is the DECODE overhead", None)
     input_scale: Optional[float] = _field("the int8 input step", None)
     eps_in_input_steps: Optional[PerEps] = _field("eps / input_scale", None)
     checks: dict[str, str] = _field("honest-evaluation flags on the deployed model, e.g. eps_below_input_step", {})

@@ -135,6 +135,10 @@ class ExportSpec(_Spec):
     deployed_examples: int
     deployed_attacks: tuple
     deployed_queries: int
+    arena_limit: Optional[float] = None  # compressed files: largest arena / int8 arena (None: the smallest flash)
+
+    # None (the smallest flash, no channel groups) is what exports made before the key existed did.
+    _omit_when_none = ("arena_limit",)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,11 +6,15 @@ TFLite Micro Python interpreter (or LiteRT) as a float-in, logits-out
 callable; `verify` reports parity with the Keras model; `to_c_array` writes
 the C source for firmware. With `compress=True` low-bit weights ship below
 int8 through TFLite Micro's LUT compression (`compress_tflite`), bit-exact
-with the int8 model.
+with the int8 model; large kernels run in output-channel groups
+(`split_output_channels`) so that the compressed file needs no more than
+`ARENA_LIMIT` times the int8 arena where that is reachable.
 """
 
 from tinyrobust.export.c_array import to_c_array
+from tinyrobust.export.channel_groups import split_output_channels, splittable_operators
 from tinyrobust.export.compress import (
+    ARENA_LIMIT,
     CompressionReport,
     TensorPlan,
     compress_tflite,
@@ -35,6 +39,7 @@ from tinyrobust.export.parity import ParityReport, verify
 from tinyrobust.export.tflite import to_tflite
 
 __all__ = [
+    "ARENA_LIMIT",
     "CompressionReport",
     "FoldedBatchNorm",
     "ParityReport",
@@ -51,6 +56,8 @@ __all__ = [
     "kernel_values_per_channel",
     "operator_names",
     "plan_compression",
+    "split_output_channels",
+    "splittable_operators",
     "to_c_array",
     "to_tflite",
     "uncompressed_path",

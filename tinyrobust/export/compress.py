@@ -17,16 +17,19 @@ import math
 import os
 import pathlib
 import tempfile
+from typing import Optional
 
 import numpy as np
 
 from tinyrobust._silence import captured_output
+from tinyrobust.export.channel_groups import MAX_GROUPS, split_output_channels, splittable_operators
 from tinyrobust.export.flatbuffer import DECODE_OPERATOR, _operators, operator_names
 from tinyrobust.export.interpreter import TFLiteModel
 from tinyrobust.files import write_json
 
 TFLITE_MICRO_VERSION = "0.dev20261023182759"
 MAX_BITS = 4
+ARENA_LIMIT = 1.10  # the compressed arena asked for by default, as a multiple of the int8 arena
 RANDOM_CHECK_INPUTS = 64
 _WEIGHT_INPUT = {"CONV_2D": 1, "DEPTHWISE_CONV_2D": 1, "FULLY_CONNECTED": 1}
 _DCM_BYTES = 16  # the decode common metadata in front of every value table
@@ -112,6 +115,11 @@ class CompressionReport:
             checked to equal the int8 model's, bit for bit (0 when nothing was
             compressed: the shipped file is the int8 file).
         note: what happened, in words.
+        groups: `{operator: groups}`, the operators split into output-channel
+            groups to bound the arena (`channel_groups`), named
+            `"<index> <OPERATOR>"` by their place in the int8 file.
+        arena_limit: the largest arena asked for, as a multiple of the int8
+            arena (None: the smallest flash was asked for, no grouping).
     """
 
     tensors: list
@@ -121,6 +129,8 @@ class CompressionReport:
     arena_bytes: int
     bit_exact_inputs: int
     note: str
+    groups: dict = dataclasses.field(default_factory=dict)
+    arena_limit: Optional[float] = None
 
     @property
     def compressed(self):
@@ -134,7 +144,9 @@ class CompressionReport:
     @classmethod
     def from_dict(cls, record):
         """The report from `to_dict`'s output."""
-        return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls)})
+        defaults = {"groups": {}, "arena_limit": None}  # absent in reports from before arena bounding
+        return cls(**{f.name: record[f.name] if f.name in record else defaults[f.name]
+                      for f in dataclasses.fields(cls)})
 
     def save(self, path):
         """Writes the report as JSON, atomically; returns the path."""
@@ -247,41 +259,140 @@ def _check_inputs(reference, check_inputs, seed=0):
     return np.concatenate(quantized) if quantized else np.zeros((0,) + reference.input_shape, reference.input_dtype)
 
 
-def compress_tflite(tflite_bytes, check_inputs=None, plan=None):
+def check_arena_limit(arena_limit):
+    """Raises ValueError unless `arena_limit` is None or a real number of at least 1 (a multiple of the int8 arena)."""
+    if arena_limit is None:
+        return
+    if isinstance(arena_limit, bool) or not isinstance(arena_limit, (int, float)) or not math.isfinite(arena_limit) \
+            or arena_limit < 1:
+        raise ValueError("Expected `arena_limit` to be None (smallest flash) or a number >= 1, the largest arena as a "
+                         f"multiple of the int8 model's. Received: arena_limit={arena_limit!r}")
+
+
+def _pack(tflite_bytes, api):
+    """`(packed bytes, plan)`: `tflite_bytes` with every weight `plan_compression` picks compressed (unchecked)."""
+    compression, spec, editor, align = api
+    plan = plan_compression(tflite_bytes)
+    if not plan:
+        return bytes(tflite_bytes), plan
+    specs = [spec.Tensor(p.subgraph, p.tensor, [spec.LookUpTableCompression(
+        p.bits, spec.PerTensor() if p.axis is None else spec.PerChannel(p.axis))]) for p in plan]
+    try:
+        with captured_output():
+            return _strip(compression.compress(bytes(tflite_bytes), specs), editor, align), plan
+    except Exception as error:  # the compressor raises CompressionError and ValueError
+        raise ValueError(f"TFLite Micro compression failed ({error}); nothing was written.") from None
+
+
+def _arena(packed):
+    try:
+        return TFLiteModel(packed, runtime="tflm").arena_bytes
+    except RuntimeError as error:
+        raise ValueError(f"The compressed model does not run in TFLite Micro ({error}); nothing was written.") from None
+
+
+def _groups_for(candidates, cap):
+    """Per operator, the fewest groups (a power of two dividing its output channels) that bring its kernel to
+    at most `cap` bytes, or as close as the channels allow."""
+    groups = {}
+    for index, op in candidates.items():
+        count = 1
+        while op.kernel_bytes / count > cap and op.channels % (count * 2) == 0 and count * 2 <= MAX_GROUPS:
+            count *= 2
+        if count > 1:
+            groups[index] = count
+    return groups
+
+
+def _grouped(tflite_bytes, limit_bytes, api, rounds=8):
+    """The grouping with the smallest measured arena among decoded-kernel caps halved round by round.
+
+    Round k splits every compressed CONV_2D and FULLY_CONNECTED operator
+    whose kernel is larger than the largest kernel / 2^k into the fewest
+    output-channel groups that bring it under that cap, and measures the TFLite
+    Micro arena. The search stops at the first grouping within `limit_bytes`
+    (the fewest splits that reach it) and otherwise keeps the smallest arena
+    seen: the peak may be set by activations or by per-operator state, which
+    no split lowers.
+
+    Returns:
+        `(groups, packed bytes, plan, arena bytes)`.
+    """
+    packed, plan = _pack(tflite_bytes, api)
+    best = (_arena(packed), {}, packed, plan)
+    compressed = {(p.subgraph, p.tensor) for p in plan}
+    candidates = {i: op for i, op in splittable_operators(tflite_bytes).items() if (0, op.kernel) in compressed}
+    if not candidates:
+        return best[1], best[2], best[3], best[0]
+    largest, tried = max(op.kernel_bytes for op in candidates.values()), [{}]
+    for k in range(1, rounds + 1):
+        if best[0] <= limit_bytes:
+            break
+        groups = _groups_for(candidates, largest / 2 ** k)
+        if groups in tried:
+            continue
+        tried.append(groups)
+        trial_packed, trial_plan = _pack(split_output_channels(tflite_bytes, groups), api)
+        arena = _arena(trial_packed)
+        if arena < best[0]:
+            best = (arena, groups, trial_packed, trial_plan)
+    return best[1], best[2], best[3], best[0]
+
+
+def compress_tflite(tflite_bytes, check_inputs=None, plan=None, arena_limit=ARENA_LIMIT):
     """Compresses an int8 model's low-bit weights and proves the result bit-exact.
+
+    A decoded kernel lives in the arena while its operator runs, so the
+    compressed model can need more RAM than the int8 one. With `arena_limit`,
+    large compressed kernels are split into output-channel groups
+    (`channel_groups.split_output_channels`, exact) until the TFLite Micro
+    arena is at most `arena_limit` times the int8 arena, or no split lowers it
+    (the report then says what the file costs; `arena_limit=None` gives the
+    smallest flash, `to_tflite(compress=False)` the int8 arena).
 
     Args:
         tflite_bytes: an int8 `.tflite` flatbuffer that runs in TFLite Micro.
         check_inputs: float inputs (e.g. the calibration set) on which the
             compressed model must give the int8 model's outputs; 64 random
             int8 inputs over the whole input range are always added.
-        plan: the tensors to compress (default: `plan_compression`).
+        plan: the tensors to compress (default: `plan_compression`); a given
+            plan is used as it is, without grouping.
+        arena_limit: the largest arena wanted, as a multiple of the int8
+            model's (default 1.10), or None for no grouping.
 
     Returns:
         `(bytes, CompressionReport)`: the compressed flatbuffer (the int8 one
         unchanged when no tensor fits in 4 bits) and its report.
 
     Raises:
-        ValueError: the compressor refused a tensor, or the compressed model
-            does not run in TFLite Micro or differs from the int8 model.
+        ValueError: a bad `arena_limit`, the compressor refused a tensor, or
+            the compressed model does not run in TFLite Micro or differs from
+            the int8 model.
         ImportError: the installed tflite-micro lacks the compression API.
     """
-
-    compression, spec, editor, align = _api()
-    plan = plan_compression(tflite_bytes) if plan is None else list(plan)
+    check_arena_limit(arena_limit)
+    api = _api()
+    compression, spec, editor, align = api
     reference = TFLiteModel(tflite_bytes, runtime="tflm")
+    groups = {}
+    if plan is not None:
+        plan = list(plan)
+        specs = [spec.Tensor(p.subgraph, p.tensor, [spec.LookUpTableCompression(
+            p.bits, spec.PerTensor() if p.axis is None else spec.PerChannel(p.axis))]) for p in plan]
+        try:
+            with captured_output():
+                packed = _strip(compression.compress(bytes(tflite_bytes), specs), editor, align) if plan else None
+        except Exception as error:  # the compressor raises CompressionError and ValueError
+            raise ValueError(f"TFLite Micro compression failed ({error}); nothing was written.") from None
+    elif arena_limit is None:
+        packed, plan = _pack(tflite_bytes, api)
+    else:
+        groups, packed, plan, _ = _grouped(tflite_bytes, arena_limit * reference.arena_bytes, api)
     if not plan:
         return bytes(tflite_bytes), CompressionReport(
             [], reference.model_bytes, reference.model_bytes, reference.arena_bytes, reference.arena_bytes, 0,
             f"No weight tensor has at most {2 ** MAX_BITS} values per channel in fewer bytes than int8: the "
-            f"shipped file is the plain int8 model.")
-    specs = [spec.Tensor(p.subgraph, p.tensor, [spec.LookUpTableCompression(
-        p.bits, spec.PerTensor() if p.axis is None else spec.PerChannel(p.axis))]) for p in plan]
-    try:
-        with captured_output():
-            packed = _strip(compression.compress(bytes(tflite_bytes), specs), editor, align)
-    except Exception as error:  # the compressor raises CompressionError and ValueError
-        raise ValueError(f"TFLite Micro compression failed: {error}") from None
+            f"shipped file is the plain int8 model.", {}, arena_limit)
     try:
         shipped = TFLiteModel(packed, runtime="tflm")
     except RuntimeError as error:
@@ -301,8 +412,19 @@ def compress_tflite(tflite_bytes, check_inputs=None, plan=None):
     bits = sorted({p.bits for p in plan})
     note = (f"{len(plan)} weight tensors as {'/'.join(map(str, bits))}-bit indices into per-channel value tables "
             f"(TFLM_DECODE; register it with AddDecode()); the other tensors stay int8.")
+    names = splittable_operators(tflite_bytes)
+    grouped = {f"{i} {names[i].operator}": g for i, g in sorted(groups.items())}
+    ratio = shipped.arena_bytes / reference.arena_bytes
+    if grouped:
+        note += (" To bound the arena, " + ", ".join(f"operator {k} runs in {g} output-channel groups"
+                                                    for k, g in grouped.items()) + ".")
+    if arena_limit is not None and ratio > arena_limit:
+        note += (f" Its arena is {ratio:.2f}x the int8 model's ({shipped.arena_bytes:,} B vs "
+                 f"{reference.arena_bytes:,} B), above the {arena_limit:.2f}x asked for: no channel grouping "
+                 f"lowers it further. Choose: this file (smallest flash at this arena) or the int8 file "
+                 f"(compress=False: {reference.model_bytes:,} B of flash, {reference.arena_bytes:,} B of arena).")
     return packed, CompressionReport(tensors, reference.model_bytes, shipped.model_bytes, reference.arena_bytes,
-                                     shipped.arena_bytes, int(len(inputs)), note)
+                                     shipped.arena_bytes, int(len(inputs)), note, grouped, arena_limit)
 
 
 def is_compressed(tflite_bytes):

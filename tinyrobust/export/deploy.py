@@ -4,14 +4,15 @@ import pathlib
 
 from tinyrobust import files
 from tinyrobust.export.c_array import check_identifier, to_c_array
-from tinyrobust.export.compress import CompressionReport
+from tinyrobust.export.compress import ARENA_LIMIT, CompressionReport
 from tinyrobust.export.flatbuffer import compression_report_path
 from tinyrobust.export.parity import verify
 from tinyrobust.export.tflite import to_tflite
 
 
 def export_and_verify(model, out_dir, name, representative_data, validation_data, runtimes=("litert", "tflm"),
-                      record=None, verbose=False, compress=False, input_range=(0.0, 1.0)):
+                      record=None, verbose=False, compress=False, input_range=(0.0, 1.0),
+                      arena_limit=ARENA_LIMIT):
     """Writes `<name>.tflite`, `<name>.h/.cc` and `<name>.parity.json` into `out_dir`.
 
     With `compress=True` the shipped `<name>.tflite` (and the C array) hold
@@ -30,6 +31,7 @@ def export_and_verify(model, out_dir, name, representative_data, validation_data
         verbose: print each step, with a progress bar for the parity runs.
         compress: ship low-bit weights below int8 (`to_tflite(compress=True)`).
         input_range: the model's valid inputs; calibration inputs outside are refused (`to_tflite`).
+        arena_limit: with `compress`, the largest arena wanted as a multiple of the int8 arena (`to_tflite`).
 
     Returns:
         `(tflite path, ParityReport)`.
@@ -40,7 +42,7 @@ def export_and_verify(model, out_dir, name, representative_data, validation_data
     steps = "int8 conversion, compression (bit-exact check)" if compress else "int8 conversion"
     say(f"  {name}: folding, {steps} and TFLite Micro check -> {out_dir / name}.tflite", flush=True)
     path = to_tflite(model, out_dir / f"{name}.tflite", representative_data, compress=compress,
-                     input_range=input_range)
+                     input_range=input_range, arena_limit=arena_limit)
     compression = CompressionReport.load(compression_report_path(path)).to_dict() if compress else None
     if compression is not None:
         say(f"  {name}: {compression['int8_bytes']:,} B int8 -> {compression['flash_bytes']:,} B flash, arena "

@@ -166,6 +166,41 @@ class TFLiteModel:
             return np.zeros((0,), np.float32)
         return self._dequantize(outputs)
 
+    def seconds_per_inference(self, x, runs=200):
+        """Median wall seconds of one `invoke` of this interpreter on this host, over `runs` timed invocations.
+
+        The inputs `x` (float, in the model's range) are quantized first and
+        cycled through; only the interpreter's `invoke` is timed, not setting
+        the input or reading the output. This is the host build of the
+        interpreter: a microcontroller's time is not this one, but the ratio of
+        two files' times on one host (e.g. a compressed file's `TFLM_DECODE`
+        overhead over its int8 file) is what it measures well.
+
+        Args:
+            x: one or more float inputs of the model's input shape.
+            runs: timed invocations (at least 1), after one untimed warm-up.
+
+        Returns:
+            Seconds per inference (float).
+        """
+        import time
+
+        check_number("runs", runs, low=1, integer=True)
+        quantized = self.quantize_inputs(np.asarray(x, np.float32).reshape((-1,) + self.input_shape))
+        if not len(quantized):
+            raise ValueError("Expected at least one input to time. Received: x with 0 examples")
+        times = []
+        for i in range(runs + 1):
+            example = quantized[i % len(quantized)][None]
+            if self.runtime == "tflm":
+                self._interpreter.set_input(example, 0)
+            else:
+                self._interpreter.set_tensor(self._input_index, example)
+            start = time.perf_counter()
+            self._interpreter.invoke()
+            times.append(time.perf_counter() - start)
+        return float(np.median(times[1:]))
+
     def predict(self, x, batch_size=None, verbose=0):
         """Same as calling the model (Keras-like signature)."""
         del batch_size, verbose

@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 from tinyrobust._silence import captured_output
-from tinyrobust.export.compress import compress_tflite
+from tinyrobust.export.compress import ARENA_LIMIT, check_arena_limit, compress_tflite
 from tinyrobust.export.flatbuffer import (  # noqa: F401 (read here, and re-exported where they were)
     _operators,
     check_flatbuffer,
@@ -81,7 +81,7 @@ def _check_runs_in_tflm(tflite_bytes, name):
 
 
 def to_tflite(model, path, representative_data, int8=True, calibration_size=500, compress=False,
-              input_range=(0.0, 1.0)):
+              input_range=(0.0, 1.0), arena_limit=ARENA_LIMIT):
     """Exports `model` to a `.tflite` file that runs in TFLite Micro.
 
     Folds quantizers and batch norms into a plain Keras clone
@@ -99,7 +99,11 @@ def to_tflite(model, path, representative_data, int8=True, calibration_size=500,
     outputs equal the int8 model's bit for bit in TFLite Micro on the
     calibration inputs and on random inputs. Beside `path` go the int8 model
     (`<stem>.int8.tflite`, for LiteRT, which cannot run `TFLM_DECODE`) and the
-    `CompressionReport` (`<stem>.compression.json`).
+    `CompressionReport` (`<stem>.compression.json`). A decoded kernel lives
+    in the arena while its operator runs; large ones are split into
+    output-channel groups (exact) until the arena is at most `arena_limit`
+    times the int8 model's, and the report says what the file costs when no
+    grouping reaches it.
 
     Args:
         model: a functional Keras model (tinyrobust quantized layers allowed).
@@ -112,6 +116,9 @@ def to_tflite(model, path, representative_data, int8=True, calibration_size=500,
         input_range: the model's valid `(low, high)` inputs (default [0, 1], as
             every tinyrobust data set but the MFCC ones); calibration inputs
             outside it are refused. None skips the check.
+        arena_limit: with `compress`, the largest TFLite Micro arena wanted as
+            a multiple of the int8 model's (default 1.10); None ships the
+            smallest flash whatever its arena.
 
     Returns:
         The `pathlib.Path` written.
@@ -119,7 +126,7 @@ def to_tflite(model, path, representative_data, int8=True, calibration_size=500,
     Raises:
         ValueError: empty or mis-shaped representative data, layers that cannot
             be exported, a model TFLite Micro cannot run, `compress` without
-            `int8`, or a compressed model that is not bit-exact.
+            `int8`, a bad `arena_limit`, or a compressed model that is not bit-exact.
     """
     check_number("calibration_size", calibration_size, low=1, integer=True)
     for name, value in (("int8", int8), ("compress", compress)):
@@ -128,6 +135,7 @@ def to_tflite(model, path, representative_data, int8=True, calibration_size=500,
     if compress and not int8:
         raise ValueError("Compression packs int8 weights below 8 bits, so it needs an int8 model. "
                          "Received: compress=True, int8=False")
+    check_arena_limit(arena_limit)
     if input_range is not None:
         input_range = check_range(input_range)
     representative = _representative_array(representative_data, model.input_shape[1:], calibration_size, input_range)
@@ -137,7 +145,7 @@ def to_tflite(model, path, representative_data, int8=True, calibration_size=500,
     if not compress:
         return write_atomically(path, tflite_bytes)
 
-    packed, report = compress_tflite(tflite_bytes, representative)
+    packed, report = compress_tflite(tflite_bytes, representative, arena_limit=arena_limit)
     write_atomically(uncompressed_path(path), tflite_bytes)
     report.save(compression_report_path(path))
     return write_atomically(path, packed)
