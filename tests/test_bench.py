@@ -9,7 +9,7 @@ import pytest
 import tinyrobust as tr
 from tinyrobust import bench, cli
 from tinyrobust.bench import results as results_lib
-from tinyrobust.bench import per_example, runner
+from tinyrobust.bench import per_example, runner, stages
 
 from experiment_files import BASE, write as _write  # noqa: E402
 
@@ -484,8 +484,8 @@ def test_a_model_can_run_with_only_some_of_the_seeds(tmp_path):
     assert "| once (seed 1) | float |" in report and "| m | stq |" in report
     # Which seeds run a model is not a setting of the model: its fingerprint is that of the model without the key.
     alone = bench.load(_write(tmp_path, text.replace("seeds = [1]\n", "")))
-    assert (runner._model_settings(config.with_seed(1), config.model("once"), tmp_path)
-            == runner._model_settings(alone.with_seed(1), alone.model("once"), tmp_path))
+    assert (runner.model_settings(config.with_seed(1), tmp_path)["once"]
+            == runner.model_settings(alone.with_seed(1), tmp_path)["once"])
 
 
 def test_deployed_attacks_can_run_at_some_of_the_radii(tmp_path):
@@ -553,14 +553,14 @@ def test_the_recipe_schedules_learning_rate_ramps_and_noise_where_the_model_has_
     robust = BASE.replace('options = { width = 4 }', 'options = { width = 4 }\njacobian = { input = 0.05 }\n'
                           'adversary = { method = "fgsm_rs", epsilon = 0.05 }')
     config = bench.load(_write(tmp_path, robust + recipe))
-    model = runner._build(config, config.models[0], tr.data.info("fashion_mnist"), tmp_path)
-    found = {type(c).__name__: c for c in runner._recipe_callbacks(config.train, model)}
+    model = stages.build_model(config.models[0], tr.data.info("fashion_mnist"), config.seed)
+    found = {type(c).__name__: c for c in stages.recipe_callbacks(config.train, model)}
     assert set(found) == {"CosineLearningRate", "JacobianWeightScheduler", "EpsilonScheduler",
                           "QuantizationNoiseScheduler"}
     assert found["QuantizationNoiseScheduler"].start_epoch == 2 and found["CosineLearningRate"].warmup_epochs == 1
     float_model = bench.load(_write(tmp_path, BASE.replace('"stq"', '"float"') + recipe))
-    model = runner._build(float_model, float_model.models[0], tr.data.info("fashion_mnist"), tmp_path)
-    assert [type(c).__name__ for c in runner._recipe_callbacks(float_model.train, model)] == ["CosineLearningRate"]
+    model = stages.build_model(float_model.models[0], tr.data.info("fashion_mnist"), float_model.seed)
+    assert [type(c).__name__ for c in stages.recipe_callbacks(float_model.train, model)] == ["CosineLearningRate"]
     trained, _ = runner.train(config, config.models[0], tmp_path / "run", verbose=False)
     assert trained.epsilon_scale.numpy() == 1.0 and trained.jacobian_scale.numpy() == 1.0
     assert float(trained.optimizer.learning_rate.numpy()) == pytest.approx(0.001 * (1 + np.cos(np.pi * 2 / 3)) / 2)
@@ -938,3 +938,35 @@ def test_a_data_set_whose_contents_changed_is_not_reused_under_the_same_name(tmp
     monkeypatch.setitem(data._DIGESTS, "fashion_mnist", "0123456789abcdef")  # new files under the same name
     with pytest.raises(bench.ExperimentError, match="data: .* -> \"0123456789abcdef\""):
         bench.run(config, out, verbose=False)
+
+
+_THREAT_TABLE = BASE.split("[threat_models.linf]")[0]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('dataset = "fashion_mnist"\nmodels = [1]\n[threat_models.linf]\nepsilons = [0.05]\nexamples = 16\n'
+     'attacks = { fgsm = { type = "FGSM" } }\n', r"`models\[0\]` to be a table.*Received: models\[0\]=1"),
+    ("threat_models = { linf = 1 }\n" + _THREAT_TABLE, r"`threat_models.linf` to be a table.*Received: "),
+    ("profiles = 1\n" + BASE, r"`profiles` to hold tables.*Received: profiles=1"),
+    (BASE + "\n[profiles]\nx = 1\n", r"Received: profiles=\{'x': 1\}"),
+    (BASE + "\n[profiles.x]\nmodels = 1\n", r"`profiles.x.models` to be a list of model tables"),
+    (BASE + "\n[profiles.x]\ntrain = 1\n", r"`profiles.x.train` to be a table"),
+    (BASE + "\n[profiles.x]\nepochs = 1\n", r"Unknown key 'profiles.x.epochs'"),
+    ("description = 3\n" + BASE, r"`description` to be a string. Received: description=3"),
+    (BASE + '\n[export]\ndeployed_attacks = "square"\n', r"`export.deployed_attacks` to be a list"),
+    (BASE + '\n[export]\narena_limit = "big"\n', r"export.arena_limit.*Received: export.arena_limit='big'"),
+    (BASE + '\n[export]\narena_limit = 0.5\n', r"Received: export.arena_limit=0.5"),
+])
+def test_a_wrong_typed_table_is_named_at_load_in_any_profile(tmp_path, text, message):
+    """Each of these once raised a TypeError traceback at load, or was accepted."""
+    with pytest.raises(bench.ExperimentError, match=message):
+        bench.load(_write(tmp_path, text))
+
+
+def test_arena_limit_none_ships_the_smallest_flash_and_keeps_old_fingerprints(tmp_path):
+    default = bench.load(_write(tmp_path, BASE))
+    assert default.export.arena_limit == tr.export.ARENA_LIMIT and default.export.to_dict()["arena_limit"] == 1.1
+    smallest = bench.load(_write(tmp_path, BASE + '\n[export]\narena_limit = "none"\n'))
+    assert smallest.export.arena_limit is None and "arena_limit" not in smallest.export.to_dict()
+    plain = bench.load(_write(tmp_path, BASE + '\n[export]\ncompress = false\n'))
+    assert "arena_limit" not in plain.export.to_dict()  # nothing to group: the fingerprint of before

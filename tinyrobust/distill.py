@@ -238,6 +238,14 @@ class RobustDistiller(RobustModel):
         """The student model (sharing this trainer's layers and weights)."""
         return self._student.model
 
+    def deployable(self):
+        """The student: what is evaluated, exported and deployed."""
+        return self.student
+
+    def compile_for_training(self, optimizer):
+        """Compiles with the optimizer only: the loss comes from the distillation method."""
+        self.compile(optimizer=optimizer)
+
     @property
     def teacher(self):
         return self.objective.teacher

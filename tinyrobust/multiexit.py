@@ -465,6 +465,14 @@ class NEOKD(RobustModel):
         """The multi-exit model (sharing this trainer's layers and weights)."""
         return self._network.model
 
+    def deployable(self):
+        """The multi-exit network: what is evaluated and deployed."""
+        return self.network
+
+    def compile_for_training(self, optimizer):
+        """Compiles with the optimizer only: the loss comes from the NEO-KD objective."""
+        self.compile(optimizer=optimizer)
+
     @classmethod
     def from_config(cls, config, custom_objects=None):
         if "model" in config:

@@ -23,7 +23,7 @@ from tinyrobust.attacks.threat import ThreatModel
 from tinyrobust.jacobian import INPUT, JacobianRegularizer, jacobian_norms
 from tinyrobust.validation import check_bool, check_choice, check_number
 
-__all__ = ["AdversarialTraining", "CrossEntropy", "Objective", "RobustModel", "Step"]
+__all__ = ["AdversarialTraining", "CrossEntropy", "Objective", "RobustModel", "Step", "compile_for_training"]
 
 METHODS = ("pgd", "trades", "fgsm_rs", "n_fgsm", "grad_align")
 ONE_STEP = ("fgsm_rs", "n_fgsm", "grad_align")
@@ -528,6 +528,22 @@ class RobustModel(keras.Model):
                           "clean_metrics=True to log them on the clean inputs at one inference pass a step.",
                           stacklevel=2)
 
+    def deployable(self):
+        """The trained network that is evaluated, exported and deployed: this model (a distiller's student, a
+        NEO-KD trainer's multi-exit network). A method, not a property: Keras' saving walks properties."""
+        return self
+
+    def compile_for_training(self, optimizer):
+        """Compiles with the loss and metrics this model's training step computes: sparse cross-entropy on the
+        logits, and accuracy where the step has a clean pass (`compile` warns about metrics it cannot log).
+
+        Args:
+            optimizer: a Keras optimizer.
+        """
+        clean = self.objective.passes(self, self.adversarial)[0] or self.clean_metrics
+        self.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                     metrics=["accuracy"] if clean else None)
+
     def compile_from_config(self, config):
         """Compiles a loaded model with its saved compile settings (Keras skips a `compile` it did not write)."""
         self.compile(**keras.saving.deserialize_keras_object(config))
@@ -765,6 +781,28 @@ def _per_example(sample_weight):
 def _last(outputs):
     """The last (backbone) logits of a multi-exit model, or the logits."""
     return outputs[-1] if isinstance(outputs, (list, tuple)) else outputs
+
+
+def compile_for_training(model, optimizer):
+    """Compiles any model the training engine fits with the loss and metrics its training step computes.
+
+    A `RobustModel` (and so a `RobustDistiller` or `multiexit.NEOKD`) compiles
+    itself (`RobustModel.compile_for_training`); a plain Keras model gets sparse
+    cross-entropy on its logits and accuracy, averaged over the outputs of a
+    multi-exit model.
+
+    Args:
+        model: a Keras model with logits output(s).
+        optimizer: a Keras optimizer.
+    """
+    if isinstance(model, RobustModel):
+        return model.compile_for_training(optimizer)
+    exits = len(model.outputs)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    if exits == 1:
+        return model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+    return model.compile(optimizer=optimizer, loss=[loss] * exits, loss_weights=[1 / exits] * exits,
+                         metrics=[["accuracy"]] * exits)
 
 
 def _check_wrappable(model):

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 from tinyrobust import attacks, data, distill, distribute, export, models, multiexit, quantizers, training
 from tinyrobust.attacks.base import classes_of, input_shape_of
-from tinyrobust.bench.specs import Experiment
+from tinyrobust.bench.specs import Experiment, jacobian_settings
 from tinyrobust.validation import check_number
 
 ATTACKS = {
@@ -171,17 +171,6 @@ def _check_name(where, name):
 _JACOBIAN_NESTED = {"layers", "batch_fraction"}
 
 
-def jacobian_settings(table):
-    """`(layers, batch_fraction)` of a model's `jacobian` table.
-
-    The table is either the weights themselves (`{ input = 0.01, relu_2 = 0.01 }`) or, to set more than the
-    weights, `{ layers = { input = 0.01, ... }, batch_fraction = 0.25 }`.
-    """
-    if isinstance(table.get("layers"), Mapping):
-        return table["layers"], table.get("batch_fraction", 1.0)
-    return table, 1.0
-
-
 def _check_jacobian(where, table):
     if isinstance(table.get("layers"), Mapping):
         _unknown(f"{where}jacobian.", table, _JACOBIAN_NESTED)
@@ -233,6 +222,8 @@ def _check_models(config):
     names = set()
     for i, model in enumerate(config["models"]):
         where = f"models[{i}]."
+        if not isinstance(model, dict):
+            raise ExperimentError(f"Expected `models[{i}]` to be a table ([[models]]). Received: models[{i}]={model!r}")
         _unknown(where, model, _MODEL)
         for key in ("name", "architecture"):
             if not isinstance(model.get(key), str):
@@ -454,6 +445,9 @@ def _check_threat_models(config, input_range):
         if norm not in NORMS:
             raise ExperimentError(f"Unknown threat model (allowed: linf, l2). Received: threat_models.{norm}")
         where = f"threat_models.{norm}."
+        if not isinstance(threat, dict):
+            raise ExperimentError(f"Expected `threat_models.{norm}` to be a table ([threat_models.{norm}]). "
+                                  f"Received: threat_models.{norm}={threat!r}")
         _unknown(where, threat, _THREAT)
         epsilons = threat.get("epsilons")
         if not isinstance(epsilons, list) or not epsilons:
@@ -607,6 +601,20 @@ def _read(path, profile):
         raise ExperimentError(f"{path}: not valid TOML: {error}") from None
     _unknown("", raw, _TOP)
     profiles = raw.pop("profiles", {})
+    if not isinstance(profiles, dict) or not all(isinstance(table, dict) for table in profiles.values()):
+        raise ExperimentError("Expected `profiles` to hold tables ([profiles.<name>]). Received: profiles="
+                              + repr(profiles if not isinstance(profiles, dict) else
+                                     {k: v for k, v in profiles.items() if not isinstance(v, dict)}))
+    for name, table in profiles.items():  # every profile, not only the one asked for: a broken one is found now
+        _unknown(f"profiles.{name}.", table, _TOP - {"profiles"})
+        for key in ("train", "export", "threat_models"):
+            if key in table and not isinstance(table[key], dict):
+                raise ExperimentError(f"Expected `profiles.{name}.{key}` to be a table. "
+                                      f"Received: profiles.{name}.{key}={table[key]!r}")
+        if "models" in table and not (isinstance(table["models"], list)
+                                      and all(isinstance(m, dict) for m in table["models"])):
+            raise ExperimentError(f"Expected `profiles.{name}.models` to be a list of model tables. "
+                                  f"Received: profiles.{name}.models={table['models']!r}")
     if profile is not None:
         _check_name("profile", profile)  # it names the default output folder
         if profile not in profiles:
@@ -628,6 +636,8 @@ def _experiment(raw, path, profile):
     config["profile"] = profile
     config.setdefault("name", path.stem)
     _check_name("name", config["name"])
+    if not isinstance(config.get("description", ""), str):
+        raise ExperimentError(f"Expected `description` to be a string. Received: description={config['description']!r}")
     if config.get("dataset") not in data.NAMES:
         raise ExperimentError(f"Unknown dataset (allowed: {', '.join(data.NAMES)}). "
                               f"Received: dataset={config.get('dataset')!r}")
@@ -670,6 +680,9 @@ def _experiment(raw, path, profile):
                               f"Received: export.arena_limit={limit!r}") from None
     if not config["export"]["compress"]:
         config["export"]["arena_limit"] = None  # only compressed files have kernels to group
+    if not isinstance(config["export"]["deployed_attacks"], list):
+        raise ExperimentError("Expected `export.deployed_attacks` to be a list (of transfer, square, hopskipjump). "
+                              f"Received: export.deployed_attacks={config['export']['deployed_attacks']!r}")
     for attack in config["export"]["deployed_attacks"]:
         if attack not in _DEPLOYED_ATTACKS:
             raise ExperimentError(f"Unknown deployed attack (allowed: {', '.join(_DEPLOYED_ATTACKS)}). "

@@ -61,11 +61,13 @@ def _versions(versions, extra=()):
     return {name: versions.get(name) for name in (*NUMERIC_PACKAGES, *extra)}
 
 
-def model_settings(config, spec, versions, teacher=None, data_digest=None):
+def model_settings(dataset, seed, recipe, spec, versions, teacher=None, data_digest=None):
     """The settings that decide a trained model.
 
     Args:
-        config: the experiment (`specs.Experiment`).
+        dataset: the data set's name.
+        seed: the run's seed.
+        recipe: the `specs.TrainSpec`.
         spec: the model's `specs.ModelSpec`.
         versions: package versions (`runner.versions()`).
         teacher: the fingerprint of the teacher model (distillation), or None.
@@ -75,25 +77,26 @@ def model_settings(config, spec, versions, teacher=None, data_digest=None):
         A JSON-serialisable dict.
     """
     model = {k: v for k, v in spec.to_dict().items() if k != "seeds"}  # which seeds run it changes no model
-    settings = {"dataset": config.dataset, "seed": config.seed, "train": config.train.to_dict(), "model": model,
+    settings = {"dataset": dataset, "seed": seed, "train": recipe.to_dict(), "model": model,
                 "teacher": teacher, "versions": _versions(versions)}
     if data_digest is not None:
         settings["data"] = data_digest
     return settings
 
 
-def export_settings(config, model_fingerprint, versions):
-    """The settings that decide the exported files and their parity record."""
+def export_settings(export, model_fingerprint, versions):
+    """The settings that decide the exported files and their parity record (`export`: the `specs.ExportSpec`)."""
     keys = ("compress", "calibration_size", "parity_examples", "arena_limit")
-    settings = config.export.to_dict()
+    settings = export.to_dict()
     return {"model": model_fingerprint, "export": {k: settings[k] for k in keys if k in settings},
             "versions": _versions(versions, ("tflite_micro",))}
 
 
-def result_settings(config, norm, model_fingerprint, versions):
-    """The settings that decide one result file (evaluation, and the deployed evaluation when exporting)."""
-    return {"model": model_fingerprint, "threat_model": {**config.threat_models[norm].to_dict(), "norm": norm},
-            "export": config.export.to_dict(), "versions": _versions(versions, ("tflite_micro",))}
+def result_settings(threat, export, model_fingerprint, versions):
+    """The settings that decide one result file (`threat`: the `specs.ThreatSpec`; `export`: the
+    `specs.ExportSpec`, whose deployed evaluation is part of the result)."""
+    return {"model": model_fingerprint, "threat_model": {**threat.to_dict(), "norm": threat.norm},
+            "export": export.to_dict(), "versions": _versions(versions, ("tflite_micro",))}
 
 
 def shared_settings(result):

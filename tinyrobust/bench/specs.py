@@ -23,6 +23,13 @@ def _frozen(value):
     return value
 
 
+def jacobian_settings(table):
+    """`(layers, batch_fraction)` of a model's `jacobian` table (the weights, or `{layers, batch_fraction}`)."""
+    if isinstance(table.get("layers"), Mapping):
+        return table["layers"], table.get("batch_fraction", 1.0)
+    return table, 1.0
+
+
 def _plain(value):
     """JSON-ready copy: tables as dicts, sequences as lists, specs as their canonical dicts."""
     if dataclasses.is_dataclass(value):
@@ -103,6 +110,27 @@ class ModelSpec(_Spec):
     def file_name(self):
         """The name used for export files and C arrays (an identifier)."""
         return self.name.replace("-", "_")
+
+    def jacobian_regularizer(self):
+        """The `JacobianRegularizer` of the `jacobian` table, or None without one.
+
+        The table is either the weights themselves (`{ input = 0.01, relu_2 = 0.01 }`) or, to set more than
+        the weights, `{ layers = { input = 0.01, ... }, batch_fraction = 0.25 }`.
+        """
+        if not self.jacobian:
+            return None
+        from tinyrobust.jacobian import JacobianRegularizer
+
+        layers, fraction = jacobian_settings(self.jacobian)
+        return JacobianRegularizer(layers=dict(layers), batch_fraction=fraction)
+
+    def adversarial_training(self, input_range, seed):
+        """The `AdversarialTraining` of the `adversary` table on inputs in `input_range`, or None without one."""
+        if not self.adversary:
+            return None
+        from tinyrobust.training import AdversarialTraining
+
+        return AdversarialTraining(input_range=input_range, seed=seed, **self.adversary)
 
 
 @dataclasses.dataclass(frozen=True)
