@@ -121,25 +121,24 @@ def test_the_stages_in_order_and_their_reuse(tmp_path):
     export_settings = fingerprints.export_settings(config.export, fingerprints.fingerprint(settings),
                                                    runner.versions())
     exported = stages.export_model(trained.model, spec, config.export, config.dataset, config.seed, folder,
-                                   export_settings, _say())
+                                   export_settings)
     assert exported.seconds > 0 and exported.shipped == folder.shipped("m") and exported.parity["examples"] == 16
     reused = stages.export_model(trained.model, spec, config.export, config.dataset, config.seed, folder,
-                                 export_settings, _say())
+                                 export_settings)
     assert reused.seconds == 0.0 and reused.parity == exported.parity
     folder.shipped("m").write_bytes(folder.shipped("m").read_bytes()[:-8])  # cut short: exported again
     with pytest.warns(UserWarning, match="not the file its parity record describes"):
         redone = stages.export_model(trained.model, spec, config.export, config.dataset, config.seed, folder,
-                                     export_settings, _say())
+                                     export_settings)
     assert redone.seconds > 0
 
     x, y = tr.data.load_arrays(config.dataset, "test", limit=threat.examples)
     attacked = tr.export.fold_quantized_weights(trained.model)
-    evaluation = stages.evaluate(attacked, trained.model, x, y, threat, tr.data.info(config.dataset), config.seed,
-                                 _say(), "m")
+    evaluation = stages.evaluate(attacked, trained.model, x, y, threat, tr.data.info(config.dataset), config.seed)
     assert evaluation.examples == 16 and evaluation.cascade is not None  # the default suite, beside FGSM
     assert {"fgsm", "autoattack"} <= set(evaluation.report.accuracy()["attacks"])
     deployed = stages.evaluate_deployed(redone, attacked, evaluation.cascade, x, y, threat, config.export,
-                                        (0.0, 1.0), config.seed, "m", _say())
+                                        (0.0, 1.0), config.seed)
     assert deployed["examples"] == 8 and set(deployed["robust_accuracy"]) == {"transfer", "square"}
     assert deployed["seconds_per_inference"] > 0 and deployed["compressed"]
     assert deployed["int8_seconds_per_inference"] > 0 and deployed["channel_groups"] == {}

@@ -15,6 +15,7 @@ def test_the_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
     blocks = python_blocks(README.read_text())
     assert len(blocks) >= 7
     monkeypatch.chdir(tmp_path)  # they write out/, logs/ and backup/ where they run
+    (tmp_path / "experiments").symlink_to(README.parent / "experiments")  # they read experiment files from there
     namespace = {"__name__": "__readme__"}
     for line, code in blocks:
         exec(compile(code, f"README.md:{line}", "exec"), namespace)  # noqa: S102 (the README's own code)

@@ -360,7 +360,7 @@ def _run_seed(config, folder, command, say):
         if any(record is None for record in deployed_reused.values()):  # the export stage, once per model
             exported = stages.export_model(
                 model, spec, config.export, config.dataset, config.seed, folder,
-                fingerprints.export_settings(config.export, model_fingerprint, versions()), say)
+                fingerprints.export_settings(config.export, model_fingerprint, versions()), verbose)
         export_seconds = exported.seconds if exported is not None else 0.0
         for norm, threat in config.threat_models.items():
             if existing[norm] is not None:
@@ -368,7 +368,7 @@ def _run_seed(config, folder, command, say):
                 continue
             n = threat.examples
             x, y = x_test[:n], y_test[:n]
-            evaluation = stages.evaluate(attacked, model, x, y, threat, dataset_info, config.seed, say, spec.name)
+            evaluation = stages.evaluate(attacked, model, x, y, threat, dataset_info, config.seed, spec.name, verbose)
             deployed, seconds = None, {"export": None, "deployed": None}
             if config.export.enabled:
                 start = time.perf_counter()
@@ -376,7 +376,7 @@ def _run_seed(config, folder, command, say):
                 if deployed is None:
                     deployed = {**stages.evaluate_deployed(exported, attacked, evaluation.cascade, x, y, threat,
                                                            config.export, dataset_info.input_range, config.seed,
-                                                           spec.name, say),
+                                                           spec.name, verbose),
                                 "fingerprint": fingerprints.fingerprint(settings[norm])}
                     files.write_json(folder.deployed(spec.name, norm), deployed)
                 seconds = {"export": export_seconds, "deployed": time.perf_counter() - start}

@@ -78,6 +78,11 @@ class Evaluation:
     examples: int
 
 
+def _say(verbose, message):
+    if verbose:
+        print(message, flush=True)
+
+
 class _TrainingClock(keras.callbacks.Callback):
     """Adds up the seconds of finished epochs across interrupted and resumed runs.
 
@@ -279,7 +284,7 @@ def train_model(spec, recipe, dataset, seed, folder, settings, verbose=True):
     return TrainedModel(model, seconds, stopped.get("early_stopping"))
 
 
-def export_model(model, spec, settings, dataset, seed, folder, export_fingerprint_settings, say):
+def export_model(model, spec, settings, dataset, seed, folder, export_fingerprint_settings, verbose=False):
     """Exports `model` once (compressed when `[export] compress`) and checks its parity with Keras, or reuses
     the files when their parity record has these settings and the shipped file is the one it describes.
 
@@ -291,7 +296,7 @@ def export_model(model, spec, settings, dataset, seed, folder, export_fingerprin
         seed: the run's seed (the calibration draw).
         folder: the `RunFolder`.
         export_fingerprint_settings: `fingerprints.export_settings(...)` of this export.
-        say: progress printer (`say.verbose` is passed to the export).
+        verbose: print each export step.
 
     Returns:
         An `Exported`.
@@ -314,7 +319,7 @@ def export_model(model, spec, settings, dataset, seed, folder, export_fingerprin
                       "settings": export_fingerprint_settings, "fingerprint": fingerprint}
         start = time.perf_counter()
         export.export_and_verify(model, folder.export_folder, name, calibration, (x_parity, y_parity),
-                                 runtimes=("tflm",), record=provenance, verbose=say.verbose,
+                                 runtimes=("tflm",), record=provenance, verbose=verbose,
                                  compress=settings.compress, input_range=data.info(dataset).input_range,
                                  arena_limit=settings.arena_limit)
         seconds = time.perf_counter() - start
@@ -322,7 +327,7 @@ def export_model(model, spec, settings, dataset, seed, folder, export_fingerprin
     return Exported(shipped, parity, seconds)
 
 
-def evaluate(attacked, model, x, y, threat, dataset_info, seed, say, label):
+def evaluate(attacked, model, x, y, threat, dataset_info, seed, label="model", verbose=False):
     """The threat model's attacks and suite on the Keras model, with the honest-evaluation checks.
 
     Args:
@@ -332,8 +337,8 @@ def evaluate(attacked, model, x, y, threat, dataset_info, seed, say, label):
         threat: the `ThreatSpec`.
         dataset_info: `data.info` of the data set.
         seed: the attacks' seed.
-        say: progress printer (progress bars with `say.verbose`).
         label: the model's name, for the progress line.
+        verbose: print the progress line and the attacks' progress bars.
 
     Returns:
         An `Evaluation`.
@@ -345,9 +350,9 @@ def evaluate(attacked, model, x, y, threat, dataset_info, seed, say, label):
                           seed)
     if cascade is not None:
         suite[threat.suite["name"]] = cascade
-    say(f"  {label}: attacks {', '.join(suite)} at eps {threat.epsilons} ({norm}, {len(x)} examples)")
+    _say(verbose, f"  {label}: attacks {', '.join(suite)} at eps {threat.epsilons} ({norm}, {len(x)} examples)")
     start = time.perf_counter()
-    report = attacks.robust_accuracy(attacked, (x, y), suite, verbose=say.verbose)
+    report = attacks.robust_accuracy(attacked, (x, y), suite, verbose=verbose)
     checks = attacks.check_model(model, x[:256], y[:256], report=report, warn=False)
     return Evaluation(report, checks, cascade, time.perf_counter() - start, int(len(x)))
 
@@ -368,7 +373,8 @@ def _digest(indices):
     return hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest()[:16]
 
 
-def evaluate_deployed(exported, attacked, cascade, x, y, threat, settings, input_range, seed, label, say):
+def evaluate_deployed(exported, attacked, cascade, x, y, threat, settings, input_range, seed, label="model",
+                      verbose=False):
     """Evaluates the shipped TFLite Micro file: clean, transfer from the Keras model, Square, HopSkipJump.
 
     Args:
@@ -381,7 +387,7 @@ def evaluate_deployed(exported, attacked, cascade, x, y, threat, settings, input
         input_range: the data set's input range.
         seed: the attacks' seed.
         label: the model's name, for progress lines.
-        say: progress printer.
+        verbose: print progress lines.
 
     Returns:
         The result's `deployed` record (without its fingerprint).
@@ -399,13 +405,13 @@ def evaluate_deployed(exported, attacked, cascade, x, y, threat, settings, input
 
     if "transfer" in settings.deployed_attacks:
         source, source_label = _transfer_source(cascade, threat, epsilons, input_range, seed)
-        say(f"  {label}: transfer {source_label} from the Keras model to TFLite Micro ({n} examples)")
+        _say(verbose, f"  {label}: transfer {source_label} from the Keras model to TFLite Micro ({n} examples)")
         record_attack("transfer", source.run(attacked, x_d, y_d))
     queries = settings.deployed_queries
     black_box = {"square": attacks.Square, "hopskipjump": attacks.HopSkipJump}
     for key in [key for key in settings.deployed_attacks if key in black_box]:
         attack = black_box[key](epsilons, norm=threat.norm, queries=queries, input_range=input_range, seed=seed)
-        say(f"  {label}: {type(attack).__name__} ({queries} queries) on TFLite Micro ({n} examples)")
+        _say(verbose, f"  {label}: {type(attack).__name__} ({queries} queries) on TFLite Micro ({n} examples)")
         record_attack(key, attack.run(deployed, x_d, y_d))
     worst, robust, worst_correct = {}, clean, {}
     for i, eps in enumerate(epsilons):  # per example over every deployed attack, never rising with eps
