@@ -37,6 +37,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tinyrobust as tr  # noqa: E402
+from tinyrobust.export.interpreter import paired_seconds_per_inference  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 MODELS = {
@@ -55,15 +56,6 @@ TARGETS = {("resnet8", "stq"): 40_000, ("dscnn", "stq"): 30_000, ("resnet8", "st
 ARENA_TARGET = 1.10  # compressed arena at most 10% above the int8 arena
 
 
-def _times(shipped, reference, inputs, runs):
-    """Median seconds per inference of both files, timed in alternating blocks so both see the same host load."""
-    first, second = [], []
-    for _ in range(4):
-        first.append(shipped.seconds_per_inference(inputs, runs=runs // 4))
-        second.append(reference.seconds_per_inference(inputs, runs=runs // 4))
-    return float(np.median(first)), float(np.median(second))
-
-
 def measure(name, quantization, calibration_size):
     build, dataset, options = MODELS[name]
     keras.utils.set_random_seed(0)
@@ -78,7 +70,7 @@ def measure(name, quantization, calibration_size):
         shipped, reference = tr.export.TFLiteModel(path), tr.export.TFLiteModel(tr.export.uncompressed_path(path))
         fresh = rng.uniform(low, high, (64,) + model.input_shape[1:]).astype("float32")
         bit_exact = bool(np.array_equal(shipped(fresh), reference(fresh)))
-        seconds, int8_seconds = _times(shipped, reference, fresh, TIMED_RUNS)
+        seconds, int8_seconds = paired_seconds_per_inference(shipped, reference, fresh, runs=TIMED_RUNS)
         int8_bytes = tr.export.uncompressed_path(path).read_bytes()
         _, flash_first = tr.export.compress_tflite(int8_bytes, calibration, arena_limit=None)
     footprint = tr.summary(model, print_fn=None)

@@ -229,3 +229,19 @@ def test_the_interpreter_refuses_nan_inputs(tmp_path):
     x[0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="Expected finite inputs"):
         deployed(x)
+
+
+def test_interpreter_time_is_measured_per_inference_and_in_alternating_blocks(tmp_path):
+    model = tr.models.small_cnn(width=4)
+    calibration = np.random.default_rng(0).random((8, 28, 28, 1)).astype("float32")
+    path = export.to_tflite(model, tmp_path / "m.tflite", calibration, compress=True)
+    shipped, int8_file = export.TFLiteModel(path), export.TFLiteModel(export.uncompressed_path(path))
+    queries = shipped.queries
+    assert 0 < shipped.seconds_per_inference(calibration[:3], runs=5) < 1
+    assert shipped.queries == queries  # timing is not querying
+    first, second = export.paired_seconds_per_inference(shipped, int8_file, calibration, runs=8, blocks=2)
+    assert first > 0 and second > 0
+    with pytest.raises(ValueError, match="Received: runs=1"):
+        export.paired_seconds_per_inference(shipped, int8_file, calibration, runs=1, blocks=2)
+    with pytest.raises(ValueError, match="at least one input"):
+        shipped.seconds_per_inference(calibration[:0])

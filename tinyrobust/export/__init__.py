@@ -34,7 +34,7 @@ from tinyrobust.export.fold import (
     fold_model,
     fold_quantized_weights,
 )
-from tinyrobust.export.interpreter import RUNTIMES, TFLiteModel
+from tinyrobust.export.interpreter import RUNTIMES, TFLiteModel, paired_seconds_per_inference
 from tinyrobust.export.parity import ParityReport, verify
 from tinyrobust.export.tflite import to_tflite
 
@@ -55,6 +55,7 @@ __all__ = [
     "is_compressed",
     "kernel_values_per_channel",
     "operator_names",
+    "paired_seconds_per_inference",
     "plan_compression",
     "split_output_channels",
     "splittable_operators",

@@ -205,3 +205,29 @@ class TFLiteModel:
         """Same as calling the model (Keras-like signature)."""
         del batch_size, verbose
         return self(x)
+
+
+def paired_seconds_per_inference(first, second, x, runs=200, blocks=4):
+    """Median seconds per inference of two interpreters timed in alternating blocks on the same inputs.
+
+    Timing one file and then the other lets a change in the host's load between
+    the two show up as a difference between the files; alternating `blocks`
+    blocks of `runs / blocks` invocations each, and taking each file's median
+    over its blocks, keeps the two under the same load.
+
+    Args:
+        first, second: `TFLiteModel`s of the same input shape.
+        x: float inputs in the models' range.
+        runs: timed invocations per file (at least `blocks`).
+        blocks: alternating blocks per file.
+
+    Returns:
+        `(first seconds, second seconds)`.
+    """
+    check_number("blocks", blocks, low=1, integer=True)
+    check_number("runs", runs, low=blocks, integer=True)
+    times = ([], [])
+    for _ in range(blocks):
+        for model, found in zip((first, second), times):
+            found.append(model.seconds_per_inference(x, runs=runs // blocks))
+    return float(np.median(times[0])), float(np.median(times[1]))
