@@ -88,3 +88,18 @@ def test_export_refuses_a_bad_name_before_writing_anything(tmp_path, capsys):
     assert not out.exists()
     assert cli.main(["export", str(path), "--out", str(out), "--name", "../escape"]) == 2
     assert not out.exists() and not (tmp_path / "escape.tflite").exists()
+    for limit in ("0.5", "big"):
+        assert cli.main(["export", str(path), "--out", str(out), "--compress", "--arena-limit", limit]) == 2
+        assert "Received: arena_limit=" in capsys.readouterr().err
+        assert not out.exists()
+
+
+def test_export_ships_the_smallest_flash_with_arena_limit_none(tmp_path, capsys):
+    path = tmp_path / "m.keras"
+    tr.models.small_cnn(quantization="stq", width=4).save(path)
+    out = tmp_path / "out"
+    assert cli.main(["export", str(path), "--out", str(out), "--compress", "--arena-limit", "none",
+                     "--calibration-size", "16", "--parity-size", "16"]) == 0
+    report = tr.export.CompressionReport.load(out / "m.compression.json")
+    assert report.arena_limit is None and report.groups == {} and report.compressed
+    assert "TFLM_DECODE" in capsys.readouterr().out

@@ -119,12 +119,13 @@ def _export(args):
         if getattr(args, option) < 1:
             raise ValueError(f"Expected --{option.replace('_', '-')} to be at least 1. "
                              f"Received: {option}={getattr(args, option)}")
+    arena_limit = _arena_limit(args.arena_limit)
     model = keras.saving.load_model(model_path)
     calibration, indices = tr.data.calibration_set(args.dataset, size=args.calibration_size, seed=args.seed)
     x_test, y_test = tr.data.load_arrays(args.dataset, "test", limit=args.parity_size)
     record = {"model": str(model_path), "dataset": args.dataset, "calibration_indices": [int(i) for i in indices]}
     path, report = tr.export.export_and_verify(model, out, name, calibration, (x_test, y_test), record=record,
-                                               compress=args.compress,
+                                               compress=args.compress, arena_limit=arena_limit,
                                                input_range=tr.data.info(args.dataset).input_range)
     print(report.to_table())
     written = [path, out / (name + ".h"), out / (name + ".cc"), out / (name + ".parity.json")]
@@ -134,6 +135,20 @@ def _export(args):
         written += [tr.export.uncompressed_path(path), compression]
     print(f"\nWrote {', '.join(map(str, written))}")
     return 0
+
+
+def _arena_limit(text):
+    """`--arena-limit`: a number >= 1, or "none" (the smallest flash), checked before any work."""
+    if text == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = text
+    from tinyrobust.export.compress import check_arena_limit
+
+    check_arena_limit(value)
+    return value
 
 
 def build_parser():
@@ -189,6 +204,10 @@ def build_parser():
     export.add_argument("--compress", action="store_true",
                         help="ship ternary/binary/int4 weights as 1-4 bit TFLM_DECODE look-up tables, bit-exact with "
                              "the int8 file (written beside it as <name>.int8.tflite)")
+    export.add_argument("--arena-limit", default="1.1",
+                        help="with --compress: the largest TFLite Micro arena, as a multiple of the int8 file's; "
+                             "large kernels run in output-channel groups to stay within it (default 1.1), or "
+                             "'none' for the smallest flash")
     export.set_defaults(run=_export)
     return parser
 
