@@ -590,6 +590,14 @@ def load(path, profile=None):
     return config
 
 
+def _check_sections(where, table):
+    """`train`, `export` and `threat_models`, where `table` (the file, or a profile at `where`) has them, are tables."""
+    for key in ("train", "export", "threat_models"):
+        if key in table and not isinstance(table[key], dict):
+            raise ExperimentError(f"Expected `{where}{key}` to be a table ([{where}{key}]). "
+                                  f"Received: {where}{key}={table[key]!r}")
+
+
 def _read(path, profile):
     """`(raw, sweeps)`: the experiment file's tables with the profile merged in, and its `[[sweeps]]`."""
     path = pathlib.Path(path)
@@ -607,10 +615,7 @@ def _read(path, profile):
                                      {k: v for k, v in profiles.items() if not isinstance(v, dict)}))
     for name, table in profiles.items():  # every profile, not only the one asked for: a broken one is found now
         _unknown(f"profiles.{name}.", table, _TOP - {"profiles"})
-        for key in ("train", "export", "threat_models"):
-            if key in table and not isinstance(table[key], dict):
-                raise ExperimentError(f"Expected `profiles.{name}.{key}` to be a table. "
-                                      f"Received: profiles.{name}.{key}={table[key]!r}")
+        _check_sections(f"profiles.{name}.", table)
         if "models" in table and not (isinstance(table["models"], list)
                                       and all(isinstance(m, dict) for m in table["models"])):
             raise ExperimentError(f"Expected `profiles.{name}.models` to be a list of model tables. "
@@ -629,9 +634,7 @@ def _experiment(raw, path, profile):
     """The validated `specs.Experiment` of merged experiment tables."""
     path = pathlib.Path(path)
     raw = copy.deepcopy(raw)
-    for key in ("train", "export", "threat_models"):
-        if key in raw and not isinstance(raw[key], dict):
-            raise ExperimentError(f"Expected `{key}` to be a table ([{key}]). Received: {key}={raw[key]!r}")
+    _check_sections("", raw)
     config = _merge(_DEFAULTS, raw)
     config["profile"] = profile
     config.setdefault("name", path.stem)

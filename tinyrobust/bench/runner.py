@@ -18,7 +18,7 @@ from tinyrobust import data, export, files, multiexit
 from tinyrobust.bench import fingerprints, per_example, stages
 from tinyrobust.bench import results as results_lib
 from tinyrobust.bench.config import ExperimentError
-from tinyrobust.bench.run_folder import RunFolder
+from tinyrobust.bench.run_folder import RunFolder, read_reusable
 from tinyrobust.footprint import summary
 
 # MLPerf Tiny quality targets (top-1 accuracy of the reference int8 models).
@@ -274,7 +274,7 @@ def _with_earlier_results(results, out, config, seeds):
 def _reused_result(path, settings, say):
     """The result file at `path` when it was made with `settings` and reads as a valid, internally consistent
     result, else None (it is redone)."""
-    result = RunFolder(path.parent.parent).reusable(path)
+    result = read_reusable(path)
     if result is None:
         return None
     try:
@@ -398,7 +398,7 @@ def _run_seed(config, folder, command, say):
 
 def _reused_deployed(path, settings):
     """The deployed record at `path` when it was made with the result settings `settings`, else None."""
-    record = RunFolder(path.parent.parent).reusable(path)
+    record = read_reusable(path)
     return record if record is not None and record.get("fingerprint") == fingerprints.fingerprint(settings) else None
 
 

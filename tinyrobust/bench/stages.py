@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import sys
 import time
+import warnings
 from typing import Any, Optional
 
 import keras
@@ -21,6 +22,7 @@ from tinyrobust import attacks, callbacks, data, distill, distribute, export, fi
 from tinyrobust.attacks.base import labels_of, predict
 from tinyrobust.bench import fingerprints, per_example
 from tinyrobust.bench.config import build_attack, build_suite
+from tinyrobust.bench.run_folder import read_reusable
 from tinyrobust.export.interpreter import paired_seconds_per_inference
 from tinyrobust.training import AdversarialTraining, RobustModel, compile_for_training
 
@@ -93,18 +95,17 @@ class _TrainingClock(keras.callbacks.Callback):
 
     Args:
         path: the JSON file that holds the total.
-        read: how to read it (`RunFolder.reusable`).
     """
 
-    def __init__(self, path, read):
+    def __init__(self, path):
         super().__init__()
-        self.path, self.read = path, read
+        self.path = path
         self.earlier = 0.0
         self.resumed = False
         self.start = None
 
     def on_train_begin(self, logs=None):
-        record = self.read(self.path)
+        record = read_reusable(self.path)
         self.earlier = float(record["seconds"]) if record else 0.0
         self.resumed = record is not None
         self.start = time.perf_counter()
@@ -261,7 +262,7 @@ def train_model(spec, recipe, dataset, seed, folder, settings, verbose=True):
     folder.drop_unreadable_checkpoint(spec.name)
     # Two checkpoints: Keras falls back to the previous one when a write was cut short (a kill, a full disk).
     backup = keras.callbacks.BackupAndRestore(str(checkpoints), double_checkpoint=True)
-    clock = _TrainingClock(checkpoints / "clock.json", folder.reusable)
+    clock = _TrainingClock(checkpoints / "clock.json")
     guard = _early_stopping(spec, recipe, dataset, seed, model, checkpoints / "early_stopping")
     # The per-epoch history beside the model (a CSV the report plots, and TensorBoard logs), written before the
     # epoch is backed up: an epoch trained again after an interruption is written again, and the last one counts.
@@ -309,8 +310,6 @@ def export_model(model, spec, settings, dataset, seed, folder, export_fingerprin
     foreign = (parity is not None and parity.get("tflite_sha256") is not None
                and (not shipped.is_file() or fingerprints.file_digest(shipped) != parity["tflite_sha256"]))
     if foreign:  # another file in its place, or one cut short: exported again, never evaluated as this model
-        import warnings
-
         warnings.warn(f"{shipped} is not the file its parity record describes; it is exported again.", stacklevel=2)
     seconds = 0.0
     if foreign or parity is None or parity.get("fingerprint") != fingerprint:

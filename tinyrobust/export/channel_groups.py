@@ -80,7 +80,6 @@ def _sliced(tensor, editor, part, groups, name):
         zeros = zeros[part * size:(part + 1) * size] if np.size(zeros) > 1 else zeros
         piece.quantization = editor.Quantization(scales=list(quantization.scales[part * size:(part + 1) * size]),
                                                  zero_points=list(zeros), axis=0)
-        piece._fb.quantization = copy.deepcopy(tensor._fb.quantization)
     return piece
 
 
@@ -117,7 +116,7 @@ def split_output_channels(tflite_bytes, groups):
                              f"Received: groups={groups}")
     model = editor.read(bytes(tflite_bytes))
     subgraph = model.subgraphs[0]
-    operators, dropped = [], []
+    operators, dropped = [], set()
     for index, op in enumerate(subgraph.operators):
         count = groups.get(index, 1)
         if count == 1:
@@ -143,9 +142,9 @@ def split_output_channels(tflite_bytes, groups):
         join.builtinOptions.fusedActivationFunction = schema.ActivationFunctionType.NONE
         operators.append(editor.Operator(opcode=schema.BuiltinOperator.CONCATENATION, inputs=pieces,
                                          outputs=[output], _fb=join))
-        dropped += [kernel, bias]
+        dropped |= {id(t) for t in (kernel, bias) if t is not None}
     subgraph.operators = operators
     still_read = {id(t) for op in operators for t in op.inputs if t is not None}
-    subgraph.tensors = [t for t in subgraph.tensors if not any(t is d for d in dropped) or id(t) in still_read]
+    subgraph.tensors = [t for t in subgraph.tensors if id(t) not in dropped or id(t) in still_read]
     editor.prune_buffers(model)
     return bytes(model.build())

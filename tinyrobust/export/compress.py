@@ -269,10 +269,11 @@ def check_arena_limit(arena_limit):
                          f"multiple of the int8 model's. Received: arena_limit={arena_limit!r}")
 
 
-def _pack(tflite_bytes, api):
-    """`(packed bytes, plan)`: `tflite_bytes` with every weight `plan_compression` picks compressed (unchecked)."""
+def _pack(tflite_bytes, api, plan=None):
+    """`(packed bytes, plan)`: `tflite_bytes` with the tensors of `plan` (default: `plan_compression`'s)
+    compressed, unchecked; the bytes unchanged for an empty plan."""
     compression, spec, editor, align = api
-    plan = plan_compression(tflite_bytes)
+    plan = plan_compression(tflite_bytes) if plan is None else list(plan)
     if not plan:
         return bytes(tflite_bytes), plan
     specs = [spec.Tensor(p.subgraph, p.tensor, [spec.LookUpTableCompression(
@@ -284,11 +285,16 @@ def _pack(tflite_bytes, api):
         raise ValueError(f"TFLite Micro compression failed ({error}); nothing was written.") from None
 
 
-def _arena(packed):
+def _tflm(packed):
+    """The compressed flatbuffer in the TFLite Micro interpreter; ValueError when it does not run there."""
     try:
-        return TFLiteModel(packed, runtime="tflm").arena_bytes
+        return TFLiteModel(packed, runtime="tflm")
     except RuntimeError as error:
         raise ValueError(f"The compressed model does not run in TFLite Micro ({error}); nothing was written.") from None
+
+
+def _arena(packed):
+    return _tflm(packed).arena_bytes
 
 
 def _groups_for(candidates, cap):
@@ -372,20 +378,10 @@ def compress_tflite(tflite_bytes, check_inputs=None, plan=None, arena_limit=AREN
     """
     check_arena_limit(arena_limit)
     api = _api()
-    compression, spec, editor, align = api
     reference = TFLiteModel(tflite_bytes, runtime="tflm")
     groups = {}
-    if plan is not None:
-        plan = list(plan)
-        specs = [spec.Tensor(p.subgraph, p.tensor, [spec.LookUpTableCompression(
-            p.bits, spec.PerTensor() if p.axis is None else spec.PerChannel(p.axis))]) for p in plan]
-        try:
-            with captured_output():
-                packed = _strip(compression.compress(bytes(tflite_bytes), specs), editor, align) if plan else None
-        except Exception as error:  # the compressor raises CompressionError and ValueError
-            raise ValueError(f"TFLite Micro compression failed ({error}); nothing was written.") from None
-    elif arena_limit is None:
-        packed, plan = _pack(tflite_bytes, api)
+    if plan is not None or arena_limit is None:
+        packed, plan = _pack(tflite_bytes, api, plan)
     else:
         groups, packed, plan, _ = _grouped(tflite_bytes, arena_limit * reference.arena_bytes, api)
     if not plan:
@@ -393,10 +389,7 @@ def compress_tflite(tflite_bytes, check_inputs=None, plan=None, arena_limit=AREN
             [], reference.model_bytes, reference.model_bytes, reference.arena_bytes, reference.arena_bytes, 0,
             f"No weight tensor has at most {2 ** MAX_BITS} values per channel in fewer bytes than int8: the "
             f"shipped file is the plain int8 model.", {}, arena_limit)
-    try:
-        shipped = TFLiteModel(packed, runtime="tflm")
-    except RuntimeError as error:
-        raise ValueError(f"The compressed model does not run in TFLite Micro ({error}); nothing was written.") from None
+    shipped = _tflm(packed)
     inputs = _check_inputs(reference, check_inputs)
     expected, received = reference.invoke_quantized(inputs), shipped.invoke_quantized(inputs)
     differ = np.any(expected.reshape(len(inputs), -1) != received.reshape(len(inputs), -1), axis=1)
@@ -412,7 +405,7 @@ def compress_tflite(tflite_bytes, check_inputs=None, plan=None, arena_limit=AREN
     bits = sorted({p.bits for p in plan})
     note = (f"{len(plan)} weight tensors as {'/'.join(map(str, bits))}-bit indices into per-channel value tables "
             f"(TFLM_DECODE; register it with AddDecode()); the other tensors stay int8.")
-    names = splittable_operators(tflite_bytes)
+    names = splittable_operators(tflite_bytes) if groups else {}
     grouped = {f"{i} {names[i].operator}": g for i, g in sorted(groups.items())}
     ratio = shipped.arena_bytes / reference.arena_bytes
     if grouped:

@@ -2,6 +2,7 @@
 
 import pathlib
 import re
+import time
 
 import keras
 import numpy as np
@@ -133,13 +134,17 @@ class TFLiteModel:
         scale, zero_point = self._output_quantization
         return ((y.astype(np.float32) - zero_point) * scale).astype(np.float32)
 
-    def _invoke(self, example):
+    def _set_input(self, example):
         if self.runtime == "tflm":
             self._interpreter.set_input(example[None], 0)
-            self._interpreter.invoke()
-            return self._interpreter.get_output(0)[0]
-        self._interpreter.set_tensor(self._input_index, example[None])
+        else:
+            self._interpreter.set_tensor(self._input_index, example[None])
+
+    def _invoke(self, example):
+        self._set_input(example)
         self._interpreter.invoke()
+        if self.runtime == "tflm":
+            return self._interpreter.get_output(0)[0]
         return self._interpreter.get_tensor(self._output_index)[0]
 
     def invoke_quantized(self, x):
@@ -183,19 +188,13 @@ class TFLiteModel:
         Returns:
             Seconds per inference (float).
         """
-        import time
-
         check_number("runs", runs, low=1, integer=True)
         quantized = self.quantize_inputs(np.asarray(x, np.float32).reshape((-1,) + self.input_shape))
         if not len(quantized):
             raise ValueError("Expected at least one input to time. Received: x with 0 examples")
         times = []
         for i in range(runs + 1):
-            example = quantized[i % len(quantized)][None]
-            if self.runtime == "tflm":
-                self._interpreter.set_input(example, 0)
-            else:
-                self._interpreter.set_tensor(self._input_index, example)
+            self._set_input(quantized[i % len(quantized)])
             start = time.perf_counter()
             self._interpreter.invoke()
             times.append(time.perf_counter() - start)
